@@ -1,0 +1,5 @@
+import sys
+
+from minikv.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""The array backend, chosen once per process run: NumPy on the CPU or CuPy on a GPU.
+
+Everything above this layer takes a `Backend` and uses `backend.xp` instead of importing
+numpy/cupy itself, so one model code path serves both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import numpy as np
+
+from .errors import MinikvError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "cpu" | "cuda"
+    xp: ModuleType  # numpy or cupy
+    dtype: np.dtype  # weights, activations fed to matmuls and the fp16 KV cache
+    ops: object = field(default=None, compare=False)  # minikv.ops.ArrayOps for this backend
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cuda"
+
+    def asarray(self, a, dtype=None):
+        """Host (or device) array -> this backend's array."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_host(self, a) -> np.ndarray:
+        return a.get() if self.is_gpu else np.asarray(a)
+
+    def synchronize(self) -> None:
+        if self.is_gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def _cuda_available():
+    """Return the cupy module if it imports and sees a GPU, else an explanation string."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'minikv[cuda12]' or 'minikv[cuda13]')"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA GPU is visible"
+    except Exception as e:  # noqa: BLE001 - cupy raises driver-specific types
+        return f"CUDA is not usable ({type(e).__name__}: {e})"
+    return cupy
+
+
+def get_backend(device: str = "auto") -> Backend:
+    """device: "auto" (GPU if CuPy sees one, else CPU), "cpu" or "cuda"."""
+    from .ops import ArrayOps
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise MinikvError(f"unknown --device {device!r}: use auto, cpu or cuda")
+    if device in ("auto", "cuda"):
+        cp = _cuda_available()
+        if not isinstance(cp, str):
+            return Backend("cuda", cp, np.dtype(np.float16), ArrayOps(cp))
+        if device == "cuda":
+            raise MinikvError(f"--device cuda: {cp}; use --device cpu to run on the CPU")
+    # CPU computes in float32 (NumPy has no fast fp16 matmul).
+    return Backend("cpu", np, np.dtype(np.float32), ArrayOps(np))

@@ -1,0 +1,48 @@
+"""The `minikv` command line: subcommands, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import MinikvError
+from . import chat, generate
+
+SUBCOMMANDS = [generate, chat]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minikv", description="A small LLM runtime with quantized KV caches.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in SUBCOMMANDS:
+        mod.add_parser(sub)
+    return p
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"  # cupy's OOM
+
+
+def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # model text is UTF-8 whatever the locale says
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except MinikvError as e:
+        print(f"minikv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - only to turn out-of-memory into a clear line
+        if not _out_of_memory(e):
+            raise
+        where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
+        print(f"minikv: error: not enough {where} memory ({e}); use a smaller --ctx-size, a quantized "
+              "--kv (e.g. kivi:4), or --device cpu", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

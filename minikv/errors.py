@@ -1,0 +1,7 @@
+"""The one exception type for errors a user can cause and fix."""
+
+
+class MinikvError(Exception):
+    """A user-fixable problem (bad path, unsupported model, corrupt file, context overflow,
+    out of memory). The message says what is wrong and what to do; the CLI prints it on one
+    line and exits with status 2."""

@@ -1,0 +1,163 @@
+"""A generation session: one model, its tokenizer and a KV cache holding a token history.
+
+The session owns the cache (the model only receives it) and reuses whatever prefix of a
+new prompt the cache already holds, so a chat turn only prefills what is new.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import MinikvError
+from .kv import make_cache, parse_kv_spec
+from .sampler import Sampler, SamplingParams
+from .tokenizer import TextStream, Tokenizer
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0  # tokens actually prefilled (a reused prefix is not counted)
+    prompt_s: float = 0.0
+    gen_tokens: int = 0
+    gen_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        rate = lambda n, s: round(n / s, 2) if s > 0 else None  # noqa: E731
+        return {"prompt_tokens": self.prompt_tokens, "prompt_s": round(self.prompt_s, 4),
+                "prompt_tokens_per_s": rate(self.prompt_tokens, self.prompt_s),
+                "gen_tokens": self.gen_tokens, "gen_s": round(self.gen_s, 4),
+                "gen_tokens_per_s": rate(self.gen_tokens, self.gen_s)}
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        return (f"prompt: {d['prompt_tokens']} tokens, {d['prompt_tokens_per_s']} tokens/s | "
+                f"generation: {d['gen_tokens']} tokens, {d['gen_tokens_per_s']} tokens/s")
+
+
+@dataclass
+class Result:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""  # eos | stop | length | context | interrupted
+    timings: Timings = field(default_factory=Timings)
+
+
+class StopStrings:
+    """Holds back text that may be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Session:
+    def __init__(self, model, tokenizer: Tokenizer, kv: str = "fp16", ctx_size: int | None = None):
+        self.model, self.tok = model, tokenizer
+        self.backend = model.backend
+        cfg = model.cfg
+        ctx = ctx_size or min(cfg.max_position_embeddings, 4096)
+        if ctx > cfg.max_position_embeddings:
+            raise MinikvError(f"--ctx-size {ctx} exceeds the model's max_position_embeddings "
+                              f"({cfg.max_position_embeddings})")
+        if cfg.sliding_window and ctx > cfg.sliding_window:
+            raise MinikvError(f"--ctx-size {ctx} exceeds the model's sliding window ({cfg.sliding_window}), "
+                              "which minikv does not implement; use --ctx-size "
+                              f"{cfg.sliding_window} or less")
+        self.ctx_size = ctx
+        self.cache = make_cache(parse_kv_spec(kv), model.kv_geometry, 1, ctx, self.backend)
+        self.tokens: list[int] = []  # ids whose keys/values the cache holds
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.tokens = []
+
+    def feed(self, ids: list[int]):
+        """Append ids to the cache; returns the float32 logits (V,) after the last one."""
+        if len(self.tokens) + len(ids) > self.ctx_size:
+            raise MinikvError(f"the prompt needs {len(self.tokens) + len(ids)} tokens but the context "
+                              f"holds {self.ctx_size}; shorten it or raise --ctx-size")
+        logits = self.model.forward(np.asarray([ids]), self.cache)
+        self.tokens.extend(ids)
+        return logits[0]
+
+    def prefill(self, ids: list[int]):
+        """Make the cache hold exactly `ids`, reusing the longest prefix it already holds."""
+        if not ids:
+            raise MinikvError("the prompt is empty")
+        n = 0
+        for a, b in zip(self.tokens, ids[:-1]):  # keep at least one token to produce logits
+            if a != b:
+                break
+            n += 1
+        if n < len(self.tokens):
+            if self.cache.can_truncate(n):
+                self.cache.truncate(n)
+                self.tokens = self.tokens[:n]
+            else:
+                self.reset()
+                n = 0
+        return self.feed(ids[n:]), len(ids) - n
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int = -1,
+                 stop: tuple[str, ...] = (), should_stop: Callable[[], bool] = lambda: False,
+                 result: Result | None = None, ignore_eos: bool = False) -> Iterator[str]:
+        """Stream the text of a continuation of `prompt_ids`; details land in `result`."""
+        res = result if result is not None else Result()
+        t0 = time.perf_counter()
+        logits, res.timings.prompt_tokens = self.prefill(prompt_ids)
+        self.backend.synchronize()
+        t1 = time.perf_counter()
+        res.timings.prompt_s = t1 - t0
+        sampler = Sampler(params, self.backend.xp)
+        stream, stops = TextStream(self.tok, prompt_ids), StopStrings(stop)
+        history = list(prompt_ids)
+        res.stop_reason = "length"
+        while max_tokens < 0 or len(res.token_ids) < max_tokens:
+            token = int(sampler(logits, history))  # the one device -> host transfer per token
+            if token in self.tok.eos_ids and not ignore_eos:
+                res.stop_reason = "eos"
+                break
+            history.append(token)
+            res.token_ids.append(token)
+            text, hit = stops.feed(stream.push(token))
+            if text:
+                res.text += text
+                yield text
+            if hit:
+                res.stop_reason = "stop"
+                break
+            if should_stop():
+                res.stop_reason = "interrupted"
+                break
+            if max_tokens >= 0 and len(res.token_ids) >= max_tokens:
+                break
+            if len(self.tokens) >= self.ctx_size:
+                res.stop_reason = "context"
+                break
+            logits = self.feed([token])
+        if res.stop_reason != "stop":
+            tail = stops.flush()
+            if tail:
+                res.text += tail
+                yield tail
+        res.timings.gen_tokens = len(res.token_ids)
+        res.timings.gen_s = time.perf_counter() - t1
+        return res

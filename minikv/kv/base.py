@@ -1,0 +1,97 @@
+"""The KV-cache contract every method implements (KVQUANT.md section 0).
+
+A cache belongs to a generation session: the caller creates it and passes it into each
+forward. Per forward the model calls
+
+    start = cache.begin_step(n_new)        # (B,) positions of the first new token per row
+    for each layer: cache.update(layer, k, v); out = cache.attend(layer, q)
+    cache.end_step()                       # commit the new tokens
+
+so the model never knows how (or whether) keys and values are quantized.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import Backend
+from ..errors import MinikvError
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float  # softmax scale applied to q.k
+
+
+class KVCache(ABC):
+    method = "?"
+
+    def __init__(self, geom: KVGeometry, batch: int, capacity: int, backend: Backend):
+        self.geom, self.batch, self.capacity, self.backend = geom, batch, capacity, backend
+        self.xp = backend.xp
+        self.lengths = np.zeros(batch, dtype=np.int64)  # committed tokens per sequence (host)
+        self.n_new = np.zeros(batch, dtype=np.int64)  # tokens being added in the current step
+
+    @classmethod
+    def validate(cls, spec) -> None:
+        """Raise MinikvError unless `spec` (a KVSpec) is valid for this method."""
+        if spec.bits is not None or spec.options:
+            raise MinikvError(f"--kv {spec}: {cls.method} takes no bits or options")
+
+    # -- stepping ---------------------------------------------------------------------
+    def begin_step(self, n_new) -> np.ndarray:
+        """Announce `n_new[b]` new tokens per sequence; returns each row's start position."""
+        n_new = np.broadcast_to(np.asarray(n_new, dtype=np.int64), (self.batch,)).copy()
+        end = self.lengths + n_new
+        if int(end.max()) > self.capacity:
+            raise MinikvError(f"context full: {int(end.max())} tokens do not fit in the context of "
+                              f"{self.capacity}; use a shorter prompt or a larger --ctx-size")
+        self.n_new = n_new
+        return self.lengths.copy()
+
+    def end_step(self) -> None:
+        self.lengths = self.lengths + self.n_new
+        self.n_new = np.zeros_like(self.n_new)
+
+    @abstractmethod
+    def update(self, layer: int, k, v) -> None:
+        """Store this step's post-RoPE keys/values, k and v (B, Hkv, T, D)."""
+
+    @abstractmethod
+    def attend(self, layer: int, q):
+        """Causal attention of q (B, H, T, D) over history + this step -> (B, H, T, D)."""
+
+    # -- session management -------------------------------------------------------------
+    def reset(self) -> None:
+        self.lengths[:] = 0
+
+    def can_truncate(self, length: int) -> bool:
+        """Whether `truncate(length)` keeps the cache exact (methods with quantized
+        history can only drop tokens that are still in their fp16 window)."""
+        return True
+
+    def truncate(self, length: int) -> None:
+        """Forget every token at position >= length (for all sequences)."""
+        if not self.can_truncate(length):
+            raise MinikvError(f"{self.method} cache cannot drop tokens below position {length}")
+        self.lengths = np.minimum(self.lengths, length)
+
+    # -- accounting ------------------------------------------------------------------------
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Every byte stored for the tokens held (codes, scales, patterns, windows, sinks)."""
+
+    def n_values(self) -> int:
+        """Number of K and V scalars represented by the tokens held."""
+        g = self.geom
+        return int(2 * g.n_layers * g.n_kv_heads * g.head_dim * self.lengths.sum())
+
+    def bits_per_value(self) -> float:
+        n = self.n_values()
+        return 8.0 * self.nbytes() / n if n else 0.0

@@ -1,0 +1,58 @@
+"""Cache methods register here by name; `--kv SPEC` strings are parsed here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import MinikvError
+
+_METHODS: dict[str, type] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        _METHODS[name] = cls
+        return cls
+    return deco
+
+
+def methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Parsed `METHOD[:BITS][,key=value...]`, e.g. `patternkv:2,sink=4`."""
+    method: str
+    bits: int | None = None
+    options: dict = field(default_factory=dict)
+    text: str = ""
+
+    def __str__(self):
+        return self.text or self.method
+
+
+def parse_kv_spec(text: str) -> KVSpec:
+    head, *opts = [p.strip() for p in text.strip().split(",")]
+    method, _, bits = head.partition(":")
+    method = method.lower()
+    if method not in _METHODS:
+        raise MinikvError(f"--kv {text!r}: unknown method {method!r}; available: {', '.join(methods())}")
+    options = {}
+    for o in opts:
+        key, eq, val = o.partition("=")
+        if not eq or not key:
+            raise MinikvError(f"--kv {text!r}: option {o!r} is not key=value")
+        options[key.strip()] = val.strip()
+    try:
+        nbits = int(bits) if bits else None
+    except ValueError:
+        raise MinikvError(f"--kv {text!r}: bits {bits!r} is not an integer") from None
+    spec = KVSpec(method, nbits, options, text.strip())
+    _METHODS[method].validate(spec)
+    return spec
+
+
+def make_cache(spec: KVSpec | str, geom, batch: int, capacity: int, backend):
+    if isinstance(spec, str):
+        spec = parse_kv_spec(spec)
+    return _METHODS[spec.method](geom, batch, capacity, backend, spec)

@@ -1,0 +1,44 @@
+"""The model's elementwise/normalisation ops, written once against an array module.
+
+`ArrayOps(numpy)` is the CPU path and the oracle; on the GPU a subclass swaps in fused CUDA
+kernels for the hot ops. Matmuls go straight to `xp.matmul` (BLAS / cuBLAS).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ArrayOps:
+    def __init__(self, xp):
+        self.xp = xp
+
+    def linear(self, x, w, b=None):
+        """x (..., K) @ w(N, K).T (+ b) -> (..., N), in x's dtype (cuBLAS accumulates fp16 in fp32)."""
+        y = self.xp.matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], w.shape[0])
+        return y if b is None else y + b
+
+    def rms_norm(self, x, w, eps: float, out_dtype):
+        """HF LlamaRMSNorm: normalise in float32, cast, then scale by the weight."""
+        x32 = x.astype(np.float32, copy=False)
+        var = (x32 * x32).mean(axis=-1, keepdims=True)
+        y = (x32 * (1.0 / self.xp.sqrt(var + np.float32(eps)))).astype(out_dtype)
+        return y * w.astype(out_dtype, copy=False)
+
+    def rope(self, x, cos, sin):
+        """Rotate-half RoPE. x (B, H, T, D); cos, sin (B, 1, T, D) float32 -> x's dtype."""
+        half = x.shape[-1] // 2
+        x32 = x.astype(np.float32)
+        rot = self.xp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+        return (x32 * cos + rot * sin).astype(x.dtype)
+
+    def swiglu(self, gate_up):
+        """silu(gate) * up for gate_up = [gate | up] along the last axis, in its dtype."""
+        n = gate_up.shape[-1] // 2
+        g = gate_up[..., :n].astype(np.float32)
+        u = gate_up[..., n:].astype(np.float32)
+        return (g / (1.0 + self.xp.exp(-g)) * u).astype(gate_up.dtype)
+
+    def add_(self, residual, y):
+        """residual += y, the float32 residual stream absorbing a branch output."""
+        residual += y
+        return residual
