@@ -45,12 +45,13 @@ _GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm
 
 # `tokenizer.ggml.pre` names, grouped as llama.cpp's llama-vocab.cpp groups them.
 LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-              "lfm2", "dbrx", "smaug-bpe"}
+              "lfm2", "jina-v5-nano"}  # llama.cpp also sets ignore_merges and add_bos for these
+LLAMA3_REGEX_PRE = {"dbrx", "smaug-bpe"}  # Llama-3's regex only
 QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "kormo"}
 GPT4O_PRE = {"gpt-4o", "llama4", "minimax-m2"}
 SPLIT_DIGITS_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
-GPT2_PRE = {"gpt2", "default", "mpt", "olmo", "jais", "trillion", "granite-docling"}
-SUPPORTED_PRE = LLAMA3_PRE | QWEN2_PRE | GPT4O_PRE | SPLIT_DIGITS_PRE | GPT2_PRE
+GPT2_PRE = {"gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "roberta-bpe", "mpt", "olmo", "jais"}
+# Anything else, "default" included (llama.cpp's own default regex differs), warns and uses GPT2_PRE's.
 
 
 def read_gguf_fields(reader) -> dict:
@@ -109,8 +110,8 @@ def _byte_level_pre(pre: str):
         return pt.Sequence([pt.Split(Regex(regex), behavior="isolated"),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
 
-    if pre in LLAMA3_PRE:
-        return split(_LLAMA3_SPLIT), True  # llama.cpp sets ignore_merges for this family
+    if pre in LLAMA3_PRE or pre in LLAMA3_REGEX_PRE:
+        return split(_LLAMA3_SPLIT), pre in LLAMA3_PRE
     if pre in QWEN2_PRE:
         return split(_QWEN2_SPLIT), False
     if pre in GPT4O_PRE:
@@ -206,9 +207,8 @@ def build_tokenizer_files(fields: dict) -> dict[str, object]:
                           "BPE and 'llama' SentencePiece); use the model's original HF tokenizer files instead")
 
     types = list(fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-    named = {k: _token_at(tokens, fields, f"{k}_token_id") for k in ("bos", "eos", "padding")}
-    named["unk"] = _token_at(tokens, fields, "unknown_token_id")
-    named["pad"] = named.pop("padding")
+    named = {k: _token_at(tokens, fields, key) for k, key in
+             (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id"))}
     # Control tokens, plus the named special ones (an <unk> is type UNKNOWN, not CONTROL), become
     # special added tokens so they are matched whole and skipped when decoding.
     special = [t for t, ty in zip(tokens, types) if ty == CONTROL and spelled_ok(t)]

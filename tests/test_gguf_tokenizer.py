@@ -87,6 +87,19 @@ def test_read_gguf_fields_plain_python(smol):
     assert fields["tokenizer.ggml.add_bos_token"] is False and fields["tokenizer.ggml.bos_token_id"] == 1
 
 
+def test_read_gguf_fields_types_and_bad_utf8(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_array("tokenizer.ggml.tokens", ["a", b"\xff\xfe"])  # a non-UTF-8 token: kept, as U+FFFD
+    w.add_array("x.scores", [1.5, -2.0])
+    w.add_bool("x.flag", True)
+    w.add_uint32("x.id", 7)
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    fields = read_gguf_fields(gguf.GGUFReader(tmp_path / "t.gguf"))
+    assert fields["tokenizer.ggml.tokens"] == ["a", "\ufffd\ufffd"] and fields["general.architecture"] == "llama"
+    assert (fields["x.scores"], fields["x.flag"], fields["x.id"]) == ([1.5, -2.0], True, 7)
+
+
 @pytest.mark.parametrize("add_special", [True, False])
 def test_smollm2_matches_transformers(smol, add_special):
     _, _, ours, hf = smol
@@ -184,6 +197,9 @@ def test_llama3_splits_digits_in_threes(tmp_path):
     # ignore_merges (llama.cpp's, and Llama-3's tokenizer.json): a whole-word vocabulary hit wins.
     assert ours.encode("abc", add_special_tokens=False).tokens == ["abc"]
     assert hf("abc", add_special_tokens=False)["input_ids"] != ours.encode("abc", add_special_tokens=False).ids
+    # Without an add_bos_token key, llama.cpp adds BOS for the Llama-3 family (transformers does not).
+    fields = {k: v for k, v in _byte_level_fields("llama-bpe").items() if k != "tokenizer.ggml.add_bos_token"}
+    assert build_tokenizer_files(fields)["tokenizer_config.json"]["add_bos_token"] is True
 
 
 def test_qwen2_splits_digits_individually(tmp_path):
