@@ -107,24 +107,45 @@ def to_float32(raw: np.ndarray, st_dtype: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def save_file(path: str | Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict | None = None):
-    """Write tensors {name: (array of stored bits, safetensors dtype)} with string metadata.
+class SafetensorsWriter:
+    """Streams tensors into one file: the header (all names, dtypes, shapes) first, then each
+    tensor's bytes in that order as `write` is called, so only one tensor is in memory."""
 
-    Writes to `path` directly; callers that need atomicity write into a temporary directory.
-    """
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
-    offset = 0
-    for name, (arr, dt) in tensors.items():
-        if np.dtype(_STORED[dt]) != arr.dtype:
-            raise ValueError(f"{name}: array dtype {arr.dtype} does not store {dt}")
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr, _ in tensors.values():
-            f.write(np.ascontiguousarray(arr).data)  # little-endian hosts only (x86, arm)
-        f.flush()
-        os.fsync(f.fileno())
+    def __init__(self, path: str | Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+        header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
+        offset = 0
+        self._order = []
+        for name, dt, shape in entries:
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(_STORED[dt]).itemsize
+            header[name] = {"dtype": dt, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + n]}
+            self._order.append((name, dt, tuple(int(s) for s in shape)))
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the reference writer does
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._next = 0
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        """The next tensor, as an array of its stored bits (uint16 for BF16)."""
+        want, dt, shape = self._order[self._next]
+        if name != want or arr.dtype != np.dtype(_STORED[dt]) or tuple(arr.shape) != shape:
+            raise ValueError(f"expected {want} {dt} {shape}, got {name} {arr.dtype} {arr.shape}")
+        self._f.write(np.ascontiguousarray(arr).data)  # little-endian hosts only (x86, arm)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"{len(self._order) - self._next} tensors were never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def save_file(path: str | Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict | None = None):
+    """Write tensors {name: (array of stored bits, safetensors dtype)} with string metadata."""
+    w = SafetensorsWriter(path, [(n, dt, a.shape) for n, (a, dt) in tensors.items()], metadata)
+    for name, (arr, _) in tensors.items():
+        w.write(name, arr)
+    w.close()

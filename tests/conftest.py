@@ -35,3 +35,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct converted by minikv (the default model, converted once)."""
+    from minikv.convert.default_model import default_model_dir
+
+    return default_model_dir(log=lambda msg: None)

@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import MinikvError
-from . import chat, generate
+from . import chat, convert, generate
 
-SUBCOMMANDS = [generate, chat]
+SUBCOMMANDS = [generate, chat, convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
