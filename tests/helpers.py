@@ -74,3 +74,16 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def minikv_logits(model, ids: np.ndarray, chunks=None, kv: str = "fp16") -> np.ndarray:
+    """minikv's logits (host float32) for every position of `ids` (B, T), fed in chunks of the
+    given sizes (one prefill if None) through a fresh cache."""
+    from minikv.kv import make_cache
+
+    cache = make_cache(kv, model.kv_geometry, ids.shape[0], max(256, ids.shape[1]), model.backend)
+    out, t = [], 0
+    for n in chunks or [ids.shape[1]]:
+        out.append(model.backend.to_host(model.forward(ids[:, t:t + n], cache, logits="all")))
+        t += n
+    return np.concatenate(out, axis=1)

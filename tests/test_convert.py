@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from gguf_helpers import llama3_rope_factors, write_gguf
-from helpers import hf_logits, make_hf_model, rel_err, save_hf_model
+from helpers import hf_logits, make_hf_model, minikv_logits, rel_err, save_hf_model
 from minikv.backend import get_backend
 from minikv.cli.main import main
 from minikv.convert import convert
 from minikv.errors import MinikvError
-from minikv.kv import make_cache
 from minikv.models import load_model
 from minikv.safetensors_io import SafetensorsFile
 
@@ -21,8 +20,7 @@ CPU = get_backend("cpu")
 
 
 def logits(model_dir, ids):
-    m = load_model(model_dir, CPU)
-    return m.forward(ids, make_cache("fp16", m.kv_geometry, ids.shape[0], 256, CPU), logits="all")
+    return minikv_logits(load_model(model_dir, CPU), ids)
 
 
 def state(model_dir):

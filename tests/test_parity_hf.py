@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import CASES, hf_logits, make_hf_model, rel_err, save_hf_model
+from helpers import CASES, hf_logits, make_hf_model, minikv_logits, rel_err, save_hf_model
 from minikv.backend import get_backend
 from minikv.kv import make_cache
 from minikv.models import load_model
@@ -23,14 +23,6 @@ def load_hf_float32(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def _minikv_all_logits(model, ids, chunks=None):
-    """Logits for every position, feeding `ids` in the given chunk sizes (one prefill if None)."""
-    cache = make_cache("fp16", model.kv_geometry, ids.shape[0], 256, model.backend)
-    out, t = [], 0
-    for n in chunks or [ids.shape[1]]:
-        out.append(model.forward(ids[:, t:t + n], cache, logits="all"))
-        t += n
-    return np.concatenate(out, axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +30,21 @@ def cpu():
     return get_backend("cpu")
 
 
+BACKENDS = [("cpu", TOL), pytest.param("cuda", 2e-2, marks=pytest.mark.gpu)]  # fp16 activations on the GPU
+
+
+@pytest.mark.parametrize("device,tol", BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_hf(case, tmp_path, cpu):
+def test_logits_match_hf(case, device, tol, tmp_path):
     hf = make_hf_model(case)
-    model = load_model(save_hf_model(hf, tmp_path / case), cpu)
+    model = load_model(save_hf_model(hf, tmp_path / case), get_backend(device))
     ids = np.random.default_rng(1).integers(0, 300, size=(2, 40))
     ref = hf_logits(hf, ids)
     assert np.abs(ref).max() > 1.0  # the test would be blind on near-zero logits
-    assert rel_err(_minikv_all_logits(model, ids), ref) < TOL
+    full = minikv_logits(model, ids)
+    print(f"{case} on {device}: rel err {rel_err(full, ref):.2e}")
+    assert rel_err(full, ref) < tol
+    assert rel_err(minikv_logits(model, ids, chunks=[13, 1, 1, 25]), full) < tol
 
 
 @pytest.mark.parametrize("case", ["llama-gqa-tied", "qwen2-bias", "qwen3-qknorm", "llama-llama3-rope"])
@@ -53,10 +52,10 @@ def test_prefill_then_decode_equals_full_forward(case, tmp_path, cpu):
     hf = make_hf_model(case, seed=3)
     model = load_model(save_hf_model(hf, tmp_path / case), cpu)
     ids = np.random.default_rng(2).integers(0, 300, size=(1, 48))
-    full = _minikv_all_logits(model, ids)
+    full = minikv_logits(model, ids)
     assert rel_err(full, hf_logits(hf, ids)) < TOL
-    stepwise = _minikv_all_logits(model, ids, chunks=[20] + [1] * 28)
-    chunked = _minikv_all_logits(model, ids, chunks=[7, 1, 13, 27])
+    stepwise = minikv_logits(model, ids, chunks=[20] + [1] * 28)
+    chunked = minikv_logits(model, ids, chunks=[7, 1, 13, 27])
     assert rel_err(stepwise, full) < TOL
     assert rel_err(chunked, full) < TOL
 
@@ -69,7 +68,7 @@ def test_bf16_sharded_checkpoint(tmp_path, cpu):
     hf_ref = load_hf_float32(path)  # the same bf16-rounded weights, upcast
     model = load_model(path, cpu)
     ids = np.random.default_rng(3).integers(0, 300, size=(1, 32))
-    assert rel_err(_minikv_all_logits(model, ids), hf_logits(hf_ref, ids)) < TOL
+    assert rel_err(minikv_logits(model, ids), hf_logits(hf_ref, ids)) < TOL
 
 
 def test_fp16_checkpoint(tmp_path, cpu):
@@ -78,7 +77,7 @@ def test_fp16_checkpoint(tmp_path, cpu):
     hf_ref = load_hf_float32(path)
     model = load_model(path, cpu)
     ids = np.random.default_rng(4).integers(0, 300, size=(1, 24))
-    assert rel_err(_minikv_all_logits(model, ids), hf_logits(hf_ref, ids)) < TOL
+    assert rel_err(minikv_logits(model, ids), hf_logits(hf_ref, ids)) < TOL
 
 
 def test_ragged_batch_matches_single_rows(tmp_path, cpu):
