@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from ..errors import MinikvError
-from . import chat, convert, generate
+from . import chat, convert, generate, kvstats, perplexity
 
-SUBCOMMANDS = [generate, chat, convert]
+SUBCOMMANDS = [generate, chat, convert, perplexity, kvstats]
 
 
 def build_parser() -> argparse.ArgumentParser:

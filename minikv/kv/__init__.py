@@ -4,3 +4,6 @@ from .registry import KVSpec, make_cache, methods, parse_kv_spec
 from . import dense  # noqa: F401  (registers fp16)
 
 __all__ = ["KVCache", "KVGeometry", "KVSpec", "make_cache", "methods", "parse_kv_spec"]
+from . import kivi  # noqa: F401,E402  (registers kivi)
+from . import nqkv  # noqa: F401,E402  (registers nqkv)
+from . import patternkv  # noqa: F401,E402  (registers patternkv)

@@ -67,6 +67,14 @@ class KVCache(ABC):
     def attend(self, layer: int, q):
         """Causal attention of q (B, H, T, D) over history + this step -> (B, H, T, D)."""
 
+    def tokens_until_flush(self) -> int:
+        """Tokens every sequence can take before the cache next changes how it stores its
+        history (quantized caches flush chunks); chunked scoring aligns with this."""
+        return self.capacity - int(self.lengths.max())
+
+    def commit(self, layer: int) -> None:
+        """Finish this step's storage for `layer` without attending (for diagnostics)."""
+
     # -- session management -------------------------------------------------------------
     def reset(self) -> None:
         self.lengths[:] = 0

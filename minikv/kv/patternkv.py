@@ -1,0 +1,122 @@
+"""`patternkv`: pattern-aligned residual quantization (PatternKV, KVQUANT.md section 3).
+
+Per (layer, sequence, kv head), K and V each keep up to Mmax fp16 pattern vectors. The first
+flush of a sequence mines M0 patterns with KMeans over its whole window (the prefill) and
+assigns those chunks by L2; every later chunk adds its Chebyshev centre (while under the
+budget) and is assigned by min-max distance. K residuals k - C[a] are quantized as kivi K;
+V residuals as kivi V, per token only where the residual is narrower enough (the V adaptive
+threshold, a 1-bit mask), else the raw V.
+
+Per layer (B sequences, Hkv heads, NC chunks, T = NC*G token slots), besides kivi's arrays:
+  kidx, vidx (B, Hkv, T) uint8     vmask (B, Hkv, T/8) uint8 (bit t%8 of byte t//8)
+  kpat, vpat (B, Hkv, Mmax, D) fp16, and the pattern count per (layer, sequence).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .kivi import KiviCache, quantize_k_chunks, quantize_v_tokens
+from .patterns import chebyshev_centre, kmeans, minmax_assign, nearest_l2, v_use_residual
+from .registry import register
+
+
+@register("patternkv")
+class PatternKVCache(KiviCache):
+    method = "patternkv"
+    BITS = (2, 3, 4)
+    INT_OPTIONS = {**KiviCache.INT_OPTIONS, "m": 32, "mmax": 256}
+
+    @classmethod
+    def check_settings(cls, s, bad):
+        if not 1 <= s["m"] <= s["mmax"] <= 256:
+            raise bad(f"need 1 <= m <= mmax <= 256 (an index is one byte), got m={s['m']} mmax={s['mmax']}")
+
+    def allocate(self):
+        super().allocate()
+        xp, g, B = self.xp, self.geom, self.batch
+        H, D, T, M = g.n_kv_heads, g.head_dim, self.n_chunks_max * self.G, self.s["mmax"]
+        L = range(g.n_layers)
+        self.kidx = [xp.zeros((B, H, T), np.uint8) for _ in L]
+        self.vidx = [xp.zeros((B, H, T), np.uint8) for _ in L]
+        self.vmask = [xp.zeros((B, H, T // 8), np.uint8) for _ in L]
+        self.kpat = [xp.zeros((B, H, M, D), np.float16) for _ in L]
+        self.vpat = [xp.zeros((B, H, M, D), np.float16) for _ in L]
+        self.count = np.zeros((g.n_layers, B), dtype=np.int64)  # patterns per (layer, sequence)
+        self.v_resid = np.zeros((g.n_layers, 2), dtype=np.int64)  # V tokens (residualised, total)
+
+    def reset(self):
+        super().reset()
+        self.count[:] = 0
+        self.v_resid[:] = 0
+
+    def _assign(self, layer, rows, c0, n, k, v):
+        """Pattern indices (nb, H, n*G) for K and V of the n chunks, updating the patterns."""
+        xp, G = self.xp, self.G
+        nb, H, w, D = k.shape
+        kp, vp = self.kpat[layer], self.vpat[layer]
+        if c0 == 0:  # first flush of these sequences: mine their window (the prefill)
+            m = min(self.s["m"], w)
+            for x, pat in ((k, kp), (v, vp)):
+                pat[rows, :, :m] = kmeans(xp, x.reshape(nb * H, w, D), m).reshape(nb, H, m, D).astype(np.float16)
+            self.count[layer, rows] = m
+            flat = lambda x: x[:, :, :n * G].reshape(nb * H, n * G, D)  # noqa: E731
+            ak = nearest_l2(xp, flat(k), kp[rows, :, :m].reshape(nb * H, m, D))
+            av = nearest_l2(xp, flat(v), vp[rows, :, :m].reshape(nb * H, m, D))
+            return ak.reshape(nb, H, n * G), av.reshape(nb, H, n * G)
+        ak, av = [], []
+        for i in range(n):  # chunk by chunk: each may add the pattern the next ones use
+            ck, cv = k[:, :, i * G:(i + 1) * G], v[:, :, i * G:(i + 1) * G]  # (nb, H, G, D)
+            m = int(self.count[layer, rows[0]])  # rows in one flush group share their state
+            if m < self.s["mmax"]:
+                kp[rows, :, m] = chebyshev_centre(ck.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
+                vp[rows, :, m] = chebyshev_centre(cv.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
+                m += 1
+                self.count[layer, rows] = m
+            pk = kp[rows, :, :m].astype(np.float32).reshape(nb * H, m, D)
+            pv = vp[rows, :, :m].astype(np.float32).reshape(nb * H, m, D)
+            ak.append(minmax_assign(xp, ck.reshape(nb * H, G, D), pk).reshape(nb, H, G))
+            av.append(minmax_assign(xp, cv.reshape(nb * H, G, D), pv).reshape(nb, H, G))
+        return xp.concatenate(ak, axis=-1), xp.concatenate(av, axis=-1)
+
+    def _flush(self, layer, rows, c0, n, xk, xv):
+        xp, G = self.xp, self.G
+        nb, H, _, D = xk.shape
+        k, v = xk.astype(np.float32), xv.astype(np.float32)
+        ak, av = self._assign(layer, rows, c0, n, k, v)  # (nb, H, n*G)
+        gather = lambda pat, a: xp.take_along_axis(  # noqa: E731  (nb, H, n*G, D) patterns per token
+            pat[rows].astype(np.float32), a[..., None].astype(np.int64), axis=2)
+        ck, cv = gather(self.kpat[layer], ak), gather(self.vpat[layer], av)
+        k, v = k[:, :, :n * G], v[:, :, :n * G]
+        t0, t1 = c0 * G, (c0 + n) * G
+        kc, ks, km, rk_hat = quantize_k_chunks(xp, (k - ck).reshape(nb, H, n, G, D), self.s["kbits"])
+        self.kc[layer][rows, :, c0:c0 + n], self.ks[layer][rows, :, c0:c0 + n] = kc, ks
+        self.km[layer][rows, :, c0:c0 + n] = km
+        use = v_use_residual(xp, v, cv)  # (nb, H, n*G)
+        cv = xp.where(use[..., None], cv, np.float32(0.0))
+        vc, vs, vm, rv_hat = quantize_v_tokens(xp, v - cv, self.s["vbits"], self.vgroup)
+        self.vc[layer][rows, :, t0:t1], self.vs[layer][rows, :, t0:t1] = vc, vs
+        self.vm[layer][rows, :, t0:t1] = vm
+        self.kidx[layer][rows, :, t0:t1] = ak.astype(np.uint8)
+        self.vidx[layer][rows, :, t0:t1] = av.astype(np.uint8)
+        bits = use.reshape(nb, H, n * G // 8, 8).astype(np.uint8) << xp.arange(8, dtype=np.uint8)
+        self.vmask[layer][rows, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
+        self.v_resid[layer] += (int(use.sum()), use.size)
+        return ck.reshape(nb, H, n * G, D) + rk_hat.reshape(nb, H, n * G, D), cv + rv_hat
+
+    def dequantize(self, layer):
+        """K^, V^ (B, Hkv, NC*G, D) float32 rebuilt from the packed storage alone:
+        the kivi reconstruction of the residuals plus each token's pattern."""
+        xp = self.xp
+        rk, rv = super().dequantize(layer)
+        pk = xp.take_along_axis(self.kpat[layer].astype(np.float32), self.kidx[layer][..., None].astype(np.int64), 2)
+        pv = xp.take_along_axis(self.vpat[layer].astype(np.float32), self.vidx[layer][..., None].astype(np.int64), 2)
+        mask = (self.vmask[layer][..., None] >> xp.arange(8, dtype=np.uint8)) & 1  # (B, H, T/8, 8)
+        mask = mask.reshape(rv.shape[:3])[..., None].astype(bool)
+        return pk + rk, xp.where(mask, pv, np.float32(0.0)) + rv
+
+    def quantized_bytes(self):
+        g = self.geom
+        per_token = g.n_kv_heads * (2 + 1 / 8)  # K and V pattern indices, the V mask bit
+        patterns = int(self.count.sum()) * g.n_kv_heads * g.head_dim * 2 * 2  # K and V, fp16
+        tokens = int(self.n_chunks.sum()) * self.G * g.n_layers
+        return super().quantized_bytes() + int(tokens * per_token) + patterns

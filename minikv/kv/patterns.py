@@ -1,0 +1,81 @@
+"""PatternKV's pattern mining and assignment (KVQUANT.md 3.1-3.3), as array-op oracles.
+
+All functions work on N independent sets at once (one per (sequence, kv head)); x is
+(N, tokens, D) float32 holding fp16 values. KMeans sums and distances run in float64, where
+sums of fp16-valued data are exact in practice, so any summation order (a GPU's) gives the
+same centres and the result is deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.6448536269514722  # Phi^-1(0.95)
+
+
+def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
+    """Batched Lloyd KMeans: x (N, P, D) -> centres (N, m, D) float32, m <= P.
+
+    Init: the tokens at evenly spaced indices (deterministic; keys drift with position, so
+    this spreads the start over the sequence). A set stops when no centre moves by more than
+    tol * RMS norm of its points. An empty cluster is re-seeded with the point farthest from
+    its centre.
+    """
+    N, P, D = x.shape
+    x64 = x.astype(np.float64)
+    c = x64[:, (np.arange(m) * P) // m].copy()  # (N, m, D)
+    x2 = (x64 * x64).sum(-1)  # (N, P)
+    limit = (tol * tol) * x2.mean(-1)  # (N,) squared-move threshold
+    active = xp.ones(N, dtype=bool)
+    rows = xp.arange(N)[:, None]
+    for _ in range(iters):
+        d = x2[:, :, None] - 2.0 * xp.matmul(x64, c.transpose(0, 2, 1)) + (c * c).sum(-1)[:, None, :]  # (N, P, m)
+        a = d.argmin(-1)  # (N, P)
+        onehot = (a[:, :, None] == xp.arange(m)[None, None, :]).astype(np.float64)  # (N, P, m)
+        counts = onehot.sum(1)  # (N, m)
+        new = xp.matmul(onehot.transpose(0, 2, 1), x64) / xp.maximum(counts, 1.0)[..., None]
+        if bool((counts == 0).any()):
+            far = d[rows, xp.arange(P)[None, :], a]  # (N, P) distance to own centre
+            order = xp.argsort(-far, axis=1, kind="stable")  # farthest first, ties by index
+            empty_rank = xp.cumsum(counts == 0, axis=1) - 1  # k-th empty cluster takes the k-th farthest point
+            pick = xp.take_along_axis(order, xp.clip(empty_rank, 0, P - 1).astype(np.int64), axis=1)
+            new = xp.where((counts == 0)[..., None], x64[rows, pick], new)
+        move = ((new - c) ** 2).sum(-1).max(-1)  # (N,)
+        c = xp.where(active[:, None, None], new, c)
+        active &= move > limit
+        if not bool(active.any()):
+            break
+    return c.astype(np.float32)
+
+
+def nearest_l2(xp, x, c):
+    """Index of the L2-nearest centre: x (N, T, D), c (N, M, D) -> (N, T) (ties: lowest)."""
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    d = (c64 * c64).sum(-1)[:, None, :] - 2.0 * xp.matmul(x64, c64.transpose(0, 2, 1))  # ||x||^2 omitted
+    return d.argmin(-1)
+
+
+def minmax_assign(xp, x, c):
+    """Index of the pattern minimising the residual's range max_i(x_i - c_i) - min_i(x_i - c_i)
+    (what the quantizer pays for): x (N, T, D), c (N, M, D) float32 -> (N, T)."""
+    diff = x[:, :, None, :] - c[:, None, :, :]  # (N, T, M, D)
+    return (diff.max(-1) - diff.min(-1)).argmin(-1)
+
+
+def chebyshev_centre(x):
+    """The point minimising the worst-case distance to a chunk: (max + min) / 2 per dim.
+    x (N, T, D) -> (N, D)."""
+    return (x.max(1) + x.min(1)) * np.float32(0.5)
+
+
+def v_use_residual(xp, v, c):
+    """PatternKV's V test per token: with rho = range(v - c) / range(v), use the residual iff
+    1 - rho^2 >= (2 z / sqrt(5 D)) sqrt(1 + rho^4), z = Phi^-1(0.95). v, c (N, T, D) -> bool (N, T)."""
+    D = v.shape[-1]
+    k = np.float32(2.0 * Z95 / math.sqrt(5.0 * D))
+    r = v - c
+    rv = v.max(-1) - v.min(-1)
+    rho = (r.max(-1) - r.min(-1)) / xp.where(rv > 0, rv, np.float32(1.0))
+    rho2 = rho * rho
+    return (rv > 0) & (np.float32(1.0) - rho2 >= k * xp.sqrt(np.float32(1.0) + rho2 * rho2))
