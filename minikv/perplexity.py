@@ -53,14 +53,11 @@ def perplexity(model, ids, kv: str = "fp16", prefill: int = 512, chunked: bool =
     xp = model.backend.xp
     nll = []
     t = 0
-    while t < N - 1:
-        if t == 0:
-            n = min(max(1, prefill), N)
-        else:
-            n = min(cache.tokens_until_flush() if chunked else 1, N - t)
+    while t < N - 1:  # the last token predicts nothing and is never fed
+        step = max(1, prefill) if t == 0 else (cache.tokens_until_flush() if chunked else 1)
+        n = min(step, N - 1 - t)
         logits = model.forward(ids[None, t:t + n], cache, logits="all")[0]  # (n, V)
-        k = min(n, N - 1 - t)  # positions t..t+k-1 predict t+1..t+k
-        nll.append(_nll(xp, logits[:k], ids[t + 1:t + 1 + k]))
+        nll.append(_nll(xp, logits, ids[t + 1:t + 1 + n]))  # positions t..t+n-1 predict t+1..t+n
         t += n
     total = np.concatenate(nll).astype(np.float64)
     return PerplexityResult(str(spec), math.exp(total.mean()), len(total), cache.nbytes(), cache.bits_per_value())

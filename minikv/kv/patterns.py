@@ -17,15 +17,15 @@ Z95 = 1.6448536269514722  # Phi^-1(0.95)
 def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
     """Batched Lloyd KMeans: x (N, P, D) -> centres (N, m, D) float32, m <= P.
 
-    Init: the tokens at evenly spaced indices (deterministic; keys drift with position, so
-    this spreads the start over the sequence). A set stops when no centre moves by more than
-    tol * RMS norm of its points. An empty cluster is re-seeded with the point farthest from
-    its centre.
+    Init (deterministic): the point nearest the mean, then repeatedly the point farthest from
+    the centres so far (outlier tokens, such as attention sinks, get patterns of their own).
+    A set stops when no centre moves by more than tol * RMS norm of its points. An empty
+    cluster is re-seeded with the point farthest from its centre.
     """
     N, P, D = x.shape
     x64 = x.astype(np.float64)
-    c = x64[:, (np.arange(m) * P) // m].copy()  # (N, m, D)
     x2 = (x64 * x64).sum(-1)  # (N, P)
+    c = farthest_point_init(xp, x64, x2, m)  # (N, m, D)
     limit = (tol * tol) * x2.mean(-1)  # (N,) squared-move threshold
     active = xp.ones(N, dtype=bool)
     rows = xp.arange(N)[:, None]
@@ -47,6 +47,22 @@ def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
         if not bool(active.any()):
             break
     return c.astype(np.float32)
+
+
+def farthest_point_init(xp, x64, x2, m: int):
+    """(N, P, D) float64 -> (N, m, D): nearest-to-mean point, then farthest-first traversal."""
+    N, P, _ = x64.shape
+    rows = xp.arange(N)
+    mean = x64.mean(1)  # (N, D)
+    first = ((x64 - mean[:, None]) ** 2).sum(-1).argmin(-1)  # (N,)
+    idx = [first]
+    dmin = xp.full((N, P), np.inf)
+    for _ in range(1, m):
+        last = x64[rows, idx[-1]]  # (N, D)
+        d = x2 - 2.0 * (x64 @ last[:, :, None])[..., 0] + (last * last).sum(-1)[:, None]
+        dmin = xp.minimum(dmin, d)
+        idx.append(dmin.argmax(-1))  # ties: lowest index
+    return x64[rows[:, None], xp.stack(idx, axis=1)].copy()
 
 
 def nearest_l2(xp, x, c):

@@ -1,0 +1,56 @@
+"""`minikv perplexity` and `minikv kvstats` from the command line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import STORIES, TEXT
+from minikv.cli.main import main
+
+FRAG = str(TEXT / "tinystories_valid_fragment.txt")
+
+
+def test_perplexity_json_rows_on_the_same_tokens(capsys):
+    assert main(["perplexity", str(STORIES), "--text", FRAG, "--max-tokens", "300", "--prefill", "64",
+                 "--device", "cpu", "--kv", "fp16", "--kv", "kivi:2,g=32,r=32", "--kv", "patternkv:2,g=32,r=32",
+                 "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kv"] for r in rows] == ["fp16", "kivi:2,g=32,r=32", "patternkv:2,g=32,r=32"]
+    assert {r["tokens"] for r in rows} == {299}
+    assert set(rows[0]) == {"kv", "ppl", "tokens", "kv_bytes", "bits_per_value"}
+    fp, kivi, pkv = (r["ppl"] for r in rows)
+    assert fp < min(kivi, pkv) and max(kivi, pkv) < 2 * fp
+    assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"] / 4
+
+
+def test_perplexity_table(capsys):
+    assert main(["perplexity", str(STORIES), "--text", FRAG, "--max-tokens", "100", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["kv", "ppl", "tokens", "KV", "MiB", "bits/value"] and out[1].startswith("fp16")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--text", "/nonexistent.txt"], "cannot read"),
+    (["--text", FRAG, "--kv", "kivi:9"], "bits=9"),
+    (["--text", FRAG, "--max-tokens", "1"], "too short"),
+    (["--text", FRAG, "--max-tokens", "100000"], "exceed the model's context")])
+def test_perplexity_errors(capsys, argv, match):
+    assert main(["perplexity", str(STORIES), "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_kvstats_table_and_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "kv.png"
+    assert main(["kvstats", str(STORIES), "--text", FRAG, "--max-tokens", "256", "--prefill", "64",
+                 "--device", "cpu", "--kv", "kivi:2,g=32,r=32", "--kv", "patternkv:2,g=32,r=32", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [l.split() for l in out if len(l.split()) > 1 and l.split()[1] == "all"]
+    assert len(rows) == 5  # one per layer
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["kvstats", str(STORIES), "--text", FRAG, "--max-tokens", "256", "--prefill", "64",
+                 "--device", "cpu", "--heads"]) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines() if len(l.split()) > 1 and l.split()[1].isdigit()]
+    assert len(rows) == 5 * 4  # layers x kv heads
