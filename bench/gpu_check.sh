@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: install minikv into the machine's python, run the GPU tests, then the
-# benchmarks given as arguments. Usage (on the GPU machine): bash bench/gpu_check.sh [bench args]
+# One device call: install minikv into the machine's python and run the GPU tests.
+# Usage (on the GPU machine): bash bench/gpu_check.sh [pytest args, e.g. -k attention]
+# Benchmarks run after it in the same call: bash bench/gpu_check.sh && python3 bench/...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -15,4 +16,5 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/
   || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import cupy, numpy, sys; print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__)"
-python3 -m pytest -q -m gpu -rs -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "^Writing model shards"
+python3 -m pytest -q -m gpu -rs -s tests "$@" 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "Writing model shards"
+exit "${PIPESTATUS[0]}"

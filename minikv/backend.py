@@ -59,7 +59,9 @@ def get_backend(device: str = "auto") -> Backend:
     if device in ("auto", "cuda"):
         cp = _cuda_available()
         if not isinstance(cp, str):
-            return Backend("cuda", cp, np.dtype(np.float16), ArrayOps(cp))
+            from .cuda.ops import CudaOps
+
+            return Backend("cuda", cp, np.dtype(np.float16), CudaOps(cp))
         if device == "cuda":
             raise MinikvError(f"--device cuda: {cp}; use --device cpu to run on the CPU")
     # CPU computes in float32 (NumPy has no fast fp16 matmul).

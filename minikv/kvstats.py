@@ -83,7 +83,7 @@ def layer_stats(model, ids, specs: list[str], pattern_spec: str = "patternkv:2",
         errs = {}
         for s, c in caches.items():
             q0, n = c.S, int(c.n_chunks[0]) * c.G
-            kh, vh = (be.to_host(a[0, :, q0:q0 + n]).astype(np.float32) for a in (c.k[L], c.v[L]))
+            kh, vh = (be.to_host(a[0, :, q0:q0 + n]) for a in c.reconstruct(L))
             rel = lambda a, b: np.linalg.norm((a - b).reshape(len(a), -1), axis=1) / np.linalg.norm(  # noqa: E731
                 b.reshape(len(b), -1), axis=1)
             errs[s] = (rel(kh, K[L][:, q0:q0 + n]), rel(vh, V[L][:, q0:q0 + n]))

@@ -24,12 +24,33 @@ class ArrayOps:
         y = (x32 * (1.0 / self.xp.sqrt(var + np.float32(eps)))).astype(out_dtype)
         return y * w.astype(out_dtype, copy=False)
 
-    def rope(self, x, cos, sin):
-        """Rotate-half RoPE. x (B, H, T, D); cos, sin (B, 1, T, D) float32 -> x's dtype."""
+    def add_rms_norm(self, x, y, w, eps: float, out_dtype):
+        """x += y (float32 residual stream, in place), then rms_norm(x)."""
+        return self.rms_norm(self.add_(x, y), w, eps, out_dtype)
+
+    def embed(self, table, tokens):
+        """table (V, C)[tokens (B, T) host ints] -> (B, T, C) float32 residual stream."""
+        return table[self.xp.asarray(tokens)].astype(np.float32)
+
+    def rope(self, x, rope_step):
+        """Rotate-half RoPE. x (B, H, T, D) -> x's dtype (computed in float32)."""
+        cos, sin = rope_step.cos_sin()  # (B, 1, T, D)
         half = x.shape[-1] // 2
         x32 = x.astype(np.float32)
         rot = self.xp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
         return (x32 * cos + rot * sin).astype(x.dtype)
+
+    def qkv_heads(self, qkv, rope_step, H: int, Hkv: int, D: int, q_norm=None, k_norm=None, eps=0.0):
+        """Fused projection output (B, T, (H + 2 Hkv) D) -> q (B, H, T, D), k, v (B, Hkv, T, D),
+        with Qwen3's per-head q/k RMSNorm (if given) and RoPE applied to q and k."""
+        B, T, _ = qkv.shape
+        q = qkv[..., :H * D].reshape(B, T, H, D).transpose(0, 2, 1, 3)
+        k = qkv[..., H * D:(H + Hkv) * D].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        v = qkv[..., (H + Hkv) * D:].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        if q_norm is not None:
+            q = self.rms_norm(q, q_norm, eps, qkv.dtype)
+            k = self.rms_norm(k, k_norm, eps, qkv.dtype)
+        return self.rope(q, rope_step), self.rope(k, rope_step), v
 
     def swiglu(self, gate_up):
         """silu(gate) * up for gate_up = [gate | up] along the last axis, in its dtype."""

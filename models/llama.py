@@ -109,40 +109,35 @@ class LlamaModel:
         Returns float32 logits on the device: (B, V) at each row's last valid token when
         logits="last", or (B, T, V) for every position when logits="all".
         """
+        cfg, ops, dt, eps = self.cfg, self.ops, self.backend.dtype, self.cfg.rms_norm_eps
         tokens = np.asarray(tokens, dtype=np.int64)
         B, T = tokens.shape
         n_new = np.full(B, T, dtype=np.int64) if n_new is None else np.asarray(n_new, dtype=np.int64)
         start = cache.begin_step(n_new)  # (B,) position of each row's first new token
-        cos, sin = self.rope.cos_sin(start[:, None] + np.arange(T)[None, :])  # (B, 1, T, D)
-        x = self.embed[self.xp.asarray(tokens)].astype(np.float32)  # (B, T, C) residual stream
+        rope = self.rope.step(start[:, None] + np.arange(T)[None, :])
+        x = ops.embed(self.embed, tokens)  # (B, T, C) float32 residual stream
+        h = ops.rms_norm(x, self.layers[0].input_norm, eps, dt)
         for i, layer in enumerate(self.layers):
-            x = self._attention_block(i, layer, x, cache, cos, sin)
-            x = self._mlp_block(layer, x)
+            # Residual adds are fused with the next RMSNorm: h is always norm(x) for what follows.
+            h = ops.add_rms_norm(x, self._attention(i, layer, h, cache, rope), layer.post_norm, eps, dt)
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h = ops.add_rms_norm(x, self._mlp(layer, h), nxt, eps, dt)
         cache.end_step()
         if logits == "last":
-            x = x[self.xp.arange(B), self.xp.asarray(n_new - 1)]  # (B, C)
-        h = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, self.backend.dtype)
-        return self.ops.linear(h, self.lm_head).astype(np.float32)
+            h = h[self.xp.arange(B), self.xp.asarray(n_new - 1)]  # (B, C)
+        return ops.linear(h, self.lm_head).astype(np.float32)
 
-    def _attention_block(self, i, L: Layer, x, cache, cos, sin):
-        cfg, ops, dt = self.cfg, self.ops, self.backend.dtype
-        B, T, _ = x.shape
+    def _attention(self, i, L: Layer, h, cache, rope):
+        """Self-attention branch of layer i on the normed input h (B, T, C) -> (B, T, C)."""
+        cfg, ops = self.cfg, self.ops
+        B, T, _ = h.shape
         H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        h = ops.rms_norm(x, L.input_norm, cfg.rms_norm_eps, dt)  # (B, T, C)
         qkv = ops.linear(h, L.qkv_w, L.qkv_b)  # (B, T, (H + 2 Hkv) D)
-        q = qkv[..., :H * D].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k = qkv[..., H * D:(H + Hkv) * D].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        v = qkv[..., (H + Hkv) * D:].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)  # (B, Hkv, T, D)
-        if cfg.qk_norm:
-            q = ops.rms_norm(q, L.q_norm, cfg.rms_norm_eps, dt)
-            k = ops.rms_norm(k, L.k_norm, cfg.rms_norm_eps, dt)
-        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-        cache.update(i, k, v)
+        q, k, v = ops.qkv_heads(qkv, rope, H, Hkv, D, L.q_norm, L.k_norm, cfg.rms_norm_eps)
+        cache.update(i, k, v)  # k, v (B, Hkv, T, D) post-RoPE
         o = cache.attend(i, q)  # (B, H, T, D)
-        o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)
-        return ops.add_(x, ops.linear(o, L.o_w, L.o_b))
+        return ops.linear(o.transpose(0, 2, 1, 3).reshape(B, T, H * D), L.o_w, L.o_b)
 
-    def _mlp_block(self, L: Layer, x):
-        h = self.ops.rms_norm(x, L.post_norm, self.cfg.rms_norm_eps, self.backend.dtype)
+    def _mlp(self, L: Layer, h):
         gu = self.ops.linear(h, L.gate_up_w, L.gate_up_b)  # (B, T, 2 I)
-        return self.ops.add_(x, self.ops.linear(self.ops.swiglu(gu), L.down_w, L.down_b))
+        return self.ops.linear(self.ops.swiglu(gu), L.down_w, L.down_b)

@@ -38,10 +38,25 @@ class Rope:
         self.xp = xp
         self.inv_freq = xp.asarray(inv_freq(rope, head_dim))  # (D/2,)
 
-    def cos_sin(self, positions):
-        """positions: host int (B, T) -> cos, sin (B, 1, T, D) float32 on the device."""
-        xp = self.xp
-        pos = xp.asarray(positions, dtype=np.float32)
-        freqs = pos[:, :, None] * self.inv_freq[None, None, :]  # (B, T, D/2)
-        emb = xp.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, T, D)
-        return xp.cos(emb), xp.sin(emb)
+    def step(self, positions) -> "RopeStep":
+        """The rotation of one forward: positions host int (B, T)."""
+        return RopeStep(self, np.asarray(positions))
+
+
+class RopeStep:
+    """What the ops need to rotate one forward's q and k: positions (kernels compute the
+    angles themselves) or, for the array ops, the cos/sin tables, built on first use."""
+
+    def __init__(self, rope: Rope, positions: np.ndarray):
+        self.rope, self.positions, self.inv_freq = rope, positions, rope.inv_freq
+        self._tables = None
+
+    def cos_sin(self):
+        """cos, sin (B, 1, T, D) float32 on the device."""
+        if self._tables is None:
+            xp = self.rope.xp
+            pos = xp.asarray(self.positions, dtype=np.float32)
+            freqs = pos[:, :, None] * self.inv_freq[None, None, :]  # (B, T, D/2)
+            emb = xp.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, T, D)
+            self._tables = (xp.cos(emb), xp.sin(emb))
+        return self._tables

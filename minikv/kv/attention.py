@@ -1,43 +1,58 @@
-"""Reference causal attention with array ops (NumPy or CuPy), shared by the caches.
+"""Reference attention with array ops (NumPy or CuPy), shared by the caches.
 
-Attention of a step's queries over the keys/values a cache holds in dense form. Queries are
-processed in blocks so the score matrix stays bounded for long prompts.
+Keys and values come in segments (e.g. sinks | dequantized chunks | window | this step's
+tokens), each with a mask of which of its keys each query sees; scores of all segments are
+softmaxed together, so no segment is ever copied into one big buffer. Queries are processed
+in blocks so the score matrix stays bounded for long prompts.
 """
 from __future__ import annotations
 
 import numpy as np
 
-_MAX_SCORES = 1 << 26  # score-matrix elements per block (256 MiB of float32)
+_MAX_SCORES = 1 << 26  # score-matrix elements per query block (256 MiB of float32)
 
 
-def causal_mask(xp, start: np.ndarray, n_new: np.ndarray, T: int, S: int):
-    """(B, 1, 1, T, S) bool: query t of row b (position start[b]+t) sees key j iff
-    j <= start[b] + min(t, n_new[b]-1). Padded queries (t >= n_new) repeat the last valid
-    row so they never see an empty set (no NaN); their outputs are ignored."""
-    t = np.minimum(np.arange(T)[None, :], np.maximum(n_new[:, None] - 1, 0))  # (B, T)
-    last = xp.asarray(start[:, None] + t)  # (B, T) last visible key per query
-    return (xp.arange(S)[None, None, :] <= last[:, :, None])[:, None, None]
+def prefix_mask(xp, limit: np.ndarray, S: int):
+    """(B, 1, 1, T, S) bool: query t of row b sees keys j < limit[b, t] of a segment."""
+    return (xp.arange(S)[None, None, :] < xp.asarray(limit)[:, :, None])[:, None, None]
 
 
-def causal_attention(xp, q, k, v, mask, scale: float):
-    """q (B, H, T, D); k, v (B, Hkv, S, D); mask (B, 1, 1, T, S) -> (B, H, T, D) in q's dtype.
+def causal_limits(start: np.ndarray, n_new: np.ndarray, T: int) -> np.ndarray:
+    """(B, T) keys visible to each query in a buffer holding positions 0.. in order: query t
+    (position start[b] + t) sees keys j <= start[b] + t. Padded queries (t >= n_new[b]) repeat
+    the last valid row so they never see an empty set (no NaN); their outputs are ignored."""
+    t = np.minimum(np.arange(T)[None, :], np.maximum(n_new[:, None] - 1, 0))
+    return start[:, None] + t + 1
+
+
+def attention(xp, q, segments, scale: float):
+    """q (B, H, T, D); segments: [(k, v, limit)] with k, v (B, Hkv, S, D) and limit (B, T)
+    host ints (keys of that segment each query sees). -> (B, H, T, D) in q's dtype.
 
     Scores and softmax in float32; q is scaled before the product so fp16 scores stay in range.
     """
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = segments[0][0].shape[1]
     g = H // Hkv  # query heads per kv head (HF repeat_kv order: head h uses kv head h // g)
     qg = (q * q.dtype.type(scale)).reshape(B, Hkv, g, T, D)
-    kT = k.transpose(0, 1, 3, 2)[:, :, None]  # (B, Hkv, 1, D, S)
-    vv = v[:, :, None]  # (B, Hkv, 1, S, D)
+    segs = [(k.transpose(0, 1, 3, 2)[:, :, None], v[:, :, None], limit) for k, v, limit in segments if k.shape[2]]
+    S = sum(k.shape[-1] for k, _, _ in segs)
     out = xp.empty((B, Hkv, g, T, D), dtype=q.dtype)
     step = max(1, _MAX_SCORES // max(1, B * H * S))
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        s = xp.matmul(qg[:, :, :, t0:t1], kT).astype(np.float32)  # (B, Hkv, g, tb, S)
-        s = xp.where(mask[..., t0:t1, :S], s, np.float32(-np.inf))
+        scores = []
+        for kT, _, limit in segs:  # (B, Hkv, g, tb, S_seg) each, masked
+            s = xp.matmul(qg[:, :, :, t0:t1], kT).astype(np.float32)
+            scores.append(xp.where(prefix_mask(xp, limit[:, t0:t1], kT.shape[-1]), s, np.float32(-np.inf)))
+        s = xp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
         s -= s.max(axis=-1, keepdims=True)
         p = xp.exp(s, out=s)
         p /= p.sum(axis=-1, keepdims=True)
-        out[:, :, :, t0:t1] = xp.matmul(p.astype(v.dtype), vv)
+        o, lo = 0, 0
+        for kT, vv, _ in segs:
+            n = kT.shape[-1]
+            o = o + xp.matmul(p[..., lo:lo + n].astype(vv.dtype), vv)
+            lo += n
+        out[:, :, :, t0:t1] = o
     return out.reshape(B, H, T, D)

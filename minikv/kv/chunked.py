@@ -2,25 +2,26 @@
 tokens, then chunks of G quantized tokens, then an fp16 window of the newest tokens.
 
 Positions: [0, S) sinks; chunk c covers [S + cG, S + (c+1)G); the window is the rest.
-After a step's attention, a sequence whose window holds >= max(R, G) tokens flushes its
-oldest G tokens as a chunk, repeatedly, so between steps the window holds fewer than
-max(R, G) tokens. With R = G this is KIVI's rule; a prefill attends to itself in full
-precision, then all its whole chunks are quantized (the rest stays in the window).
+After a step's attention, a sequence whose window (with the step's tokens) holds >= max(R, G)
+tokens flushes its oldest G as a chunk, repeatedly, so between steps the window holds fewer
+than max(R, G). With R = G this is KIVI's rule; a prefill attends to itself in full
+precision, then all its whole chunks are quantized and the rest stays in the window.
 
-Reference attention path: a dense mirror (DenseCache storage) holds every token as the
-format represents it: fp16 values for sinks and window, dequantized values for flushed
-chunks (rewritten once per flush, never per step). Methods implement `_flush`, which
-quantizes chunks into their packed storage and returns the dequantized values.
+State per layer: the method's packed storage, fp16 sink and window buffers, and this step's
+keys/values, held from `update` until `commit` (after attention). Attention reads four
+segments: sinks | chunks | window | this step (causal). The reference attention (array ops)
+keeps the flushed chunks dequantized in `hist`, written once per flush, never per step.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import MinikvError
-from .dense import DenseCache
+from .attention import attention
+from .base import KVCache
 
 
-class ChunkedQuantCache(DenseCache):
+class ChunkedQuantCache(KVCache):
     BITS: tuple[int, ...] = ()
     DEFAULT_BITS: int | None = None
     INT_OPTIONS = {"g": 128, "r": 128, "sink": 0}  # subclasses extend
@@ -73,13 +74,23 @@ class ChunkedQuantCache(DenseCache):
 
     # -- state --------------------------------------------------------------------------------
     def __init__(self, geom, batch, capacity, backend, spec):
-        super().__init__(geom, batch, capacity, backend, spec)
+        super().__init__(geom, batch, capacity, backend)
         self.spec, self.s = spec, self.settings(spec)
         self.G, self.S = self.s["g"], self.s["sink"]
         self.flush_at = max(self.s["r"], self.G)  # window size that triggers a flush
         self.n_chunks_max = -(-max(0, capacity - self.S) // self.G)
         self.n_chunks = np.zeros(batch, dtype=np.int64)  # flushed chunks per sequence
-        self._plan: list[tuple[np.ndarray, int, int, int]] = []
+        xp, dt, L = self.xp, backend.dtype, range(geom.n_layers)
+        shape = (batch, geom.n_kv_heads, 0, geom.head_dim)  # (B, Hkv, T, D)
+        self.sink_k = [xp.zeros(shape[:2] + (self.S,) + shape[3:], dt) for _ in L]
+        self.sink_v = [xp.zeros(shape[:2] + (self.S,) + shape[3:], dt) for _ in L]
+        self.win_k = [xp.zeros(shape[:2] + (self.flush_at,) + shape[3:], dt) for _ in L]
+        self.win_v = [xp.zeros(shape[:2] + (self.flush_at,) + shape[3:], dt) for _ in L]
+        hist = shape[:2] + (self.n_chunks_max * self.G,) + shape[3:]
+        self.hist_k = [xp.zeros(hist, dt) for _ in L]  # reference attention: dequantized chunks
+        self.hist_v = [xp.zeros(hist, dt) for _ in L]
+        self._step: list = [None] * geom.n_layers  # this step's (k, v) per layer until commit
+        self._groups: list = []
         self._flushing = np.zeros(batch, dtype=np.int64)
         self.allocate()
 
@@ -93,26 +104,36 @@ class ChunkedQuantCache(DenseCache):
     def _window_start(self) -> np.ndarray:
         return self.S + self.n_chunks * self.G
 
+    def _window_len(self) -> np.ndarray:
+        return np.maximum(self.lengths - self._window_start(), 0)
+
     def tokens_until_flush(self) -> int:
         """How many tokens every sequence can take before the next flush (chunked scoring
         aligned with flushes sees exactly what step-by-step decoding sees)."""
         return int((self._window_start() + self.flush_at - self.lengths).min())
 
     def can_truncate(self, length: int) -> bool:
-        return bool((np.minimum(self.lengths, length) >= self._window_start()).all())
+        keep = np.minimum(self.lengths, length)
+        return bool(((keep >= self._window_start()) | (self.n_chunks == 0)).all())
+
+    def _ix(self, rows: np.ndarray):
+        """Host row numbers -> an index for device arrays (a slice when contiguous)."""
+        if rows[-1] - rows[0] + 1 == len(rows):
+            return slice(int(rows[0]), int(rows[-1]) + 1)
+        return self.xp.asarray(rows)
 
     # -- stepping -----------------------------------------------------------------------------
     def begin_step(self, n_new):
         start = super().begin_step(n_new)
-        # Which chunks this step flushes, grouped so rows in the same state go together.
         end = self.lengths + self.n_new
-        w = end - self._window_start()
-        f = np.where(w >= self.flush_at, (w - self.flush_at) // self.G + 1, 0)
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for b in np.nonzero(f)[0]:
-            groups.setdefault((int(self.n_chunks[b]), int(f[b]), int(w[b])), []).append(int(b))
-        self._plan = [(np.asarray(rows), c0, nf, nw) for (c0, nf, nw), rows in groups.items()]
-        self._flushing = f
+        w = end - self._window_start()  # window tokens once this step's are in
+        self._flushing = np.where(w >= self.flush_at, (w - self.flush_at) // self.G + 1, 0)
+        # Rows in the same state are committed together (usually the whole batch at once).
+        groups: dict[tuple, list[int]] = {}
+        for b in range(self.batch):
+            key = (int(self.lengths[b]), int(self.n_new[b]), int(self.n_chunks[b]), int(self._flushing[b]))
+            groups.setdefault(key, []).append(b)
+        self._groups = [(np.asarray(rows), *key) for key, rows in groups.items()]
         return start
 
     def _store(self, x):
@@ -120,34 +141,81 @@ class ChunkedQuantCache(DenseCache):
         return x.astype(np.float16).astype(self.backend.dtype, copy=False)
 
     def update(self, layer, k, v):
-        super().update(layer, self._store(k), self._store(v))
+        self._step[layer] = (self._store(k), self._store(v))
 
     def attend(self, layer, q):
-        out = super().attend(layer, q)
+        out = self._attend(layer, q)
         self.commit(layer)  # after attention: this step saw its own tokens in fp16
         return out
 
+    def _attend(self, layer, q):
+        """Reference attention over sinks | dequantized chunks | window | step."""
+        k, v = self._step[layer]
+        T = q.shape[2]
+        sl = np.minimum(self.lengths, self.S)
+        ql, wl = self.n_chunks * self.G, self._window_len()
+        step_limit = np.minimum(np.arange(T)[None, :], np.maximum(self.n_new[:, None] - 1, 0)) + 1
+        segs = [(self.sink_k[layer][:, :, :sl.max()], self.sink_v[layer][:, :, :sl.max()], sl),
+                (self.hist_k[layer][:, :, :ql.max()], self.hist_v[layer][:, :, :ql.max()], ql),
+                (self.win_k[layer][:, :, :wl.max()], self.win_v[layer][:, :, :wl.max()], wl),
+                (k, v, step_limit)]
+        segs = [(a, b, np.broadcast_to(lim[:, None] if lim.ndim == 1 else lim, (self.batch, T)))
+                for a, b, lim in segs]
+        return attention(self.xp, q, segs, self.geom.scale)
+
     def commit(self, layer: int) -> None:
-        """Flush the chunks this step completes in `layer` (attend does it; diagnostics that
-        only store keys and values call it after update)."""
-        for rows, c0, nf, nw in self._plan:
-            lo = self.S + c0 * self.G
-            xk = self.k[layer][rows, :, lo:lo + nw]  # (nb, Hkv, w, D) the whole window
-            xv = self.v[layer][rows, :, lo:lo + nw]
-            k_hat, v_hat = self._flush(layer, rows, c0, nf, xk, xv)
-            self.k[layer][rows, :, lo:lo + nf * self.G] = k_hat
-            self.v[layer][rows, :, lo:lo + nf * self.G] = v_hat
+        """Store this step's keys/values of `layer`: sinks first, then the window, flushing
+        the chunks the step completes (attend does it; diagnostics that only store keys and
+        values call it after update)."""
+        k, v = self._step[layer]
+        self._step[layer] = None
+        G, xp = self.G, self.xp
+        for rows, s0, n, c0, f in self._groups:
+            r = self._ix(rows)
+            ns = max(0, min(self.S - s0, n))  # step tokens that are sinks
+            if ns:
+                self.sink_k[layer][r, :, s0:s0 + ns] = k[r, :, :ns]
+                self.sink_v[layer][r, :, s0:s0 + ns] = v[r, :, :ns]
+            w = max(0, s0 - self.S - c0 * G)  # window tokens before this step
+            if not f:
+                self.win_k[layer][r, :, w:w + n - ns] = k[r, :, ns:n]
+                self.win_v[layer][r, :, w:w + n - ns] = v[r, :, ns:n]
+                continue
+            xk = xp.concatenate([self.win_k[layer][r, :, :w], k[r, :, ns:n]], axis=2)  # (nb, Hkv, w', D)
+            xv = xp.concatenate([self.win_v[layer][r, :, :w], v[r, :, ns:n]], axis=2)
+            k_hat, v_hat = self._flush(layer, rows, c0, f, xk, xv)
+            self.hist_k[layer][r, :, c0 * G:(c0 + f) * G] = k_hat
+            self.hist_v[layer][r, :, c0 * G:(c0 + f) * G] = v_hat
+            rest = xk.shape[2] - f * G
+            self.win_k[layer][r, :, :rest] = xk[:, :, f * G:]
+            self.win_v[layer][r, :, :rest] = xv[:, :, f * G:]
 
     def end_step(self):
         super().end_step()
         self.n_chunks += self._flushing
-        self._plan, self._flushing = [], np.zeros_like(self.n_chunks)
+        self._groups, self._flushing = [], np.zeros_like(self.n_chunks)
 
     def _flush(self, layer: int, rows: np.ndarray, c0: int, n: int, xk, xv):
-        """Quantize chunks c0..c0+n-1 of sequences `rows` from their window xk, xv
-        (nb, Hkv, w, D) (the chunks are the first n*G tokens; a method may look at all w,
-        e.g. to mine patterns). Store them; return the dequantized (nb, Hkv, n*G, D)."""
+        """Quantize chunks c0..c0+n-1 of sequences `rows` from xk, xv (nb, Hkv, w, D): the
+        window with this step's tokens, whose first n*G tokens are the chunks (a method may
+        look at all w, e.g. to mine patterns). Store them; return the dequantized
+        (nb, Hkv, n*G, D)."""
         raise NotImplementedError
+
+    def reconstruct(self, layer: int):
+        """(B, Hkv, max length, D) float32: every token as the format holds it (fp16 sinks and
+        window, flushed chunks decoded from the packed storage alone)."""
+        xp, G, S = self.xp, self.G, self.S
+        k_hat, v_hat = self.dequantize(layer)
+        out = [xp.zeros((self.batch, self.geom.n_kv_heads, int(self.lengths.max()), self.geom.head_dim),
+                        np.float32) for _ in range(2)]
+        for b in range(self.batch):
+            n, q, w = min(int(self.lengths[b]), S), int(self.n_chunks[b]) * G, int(self._window_len()[b])
+            for o, sink, quant, win in ((out[0], self.sink_k, k_hat, self.win_k), (out[1], self.sink_v, v_hat, self.win_v)):
+                o[b, :, :n] = sink[layer][b, :, :n]
+                o[b, :, S:S + q] = quant[b, :, :q]
+                o[b, :, S + q:S + q + w] = win[layer][b, :, :w]
+        return out
 
     # -- accounting ---------------------------------------------------------------------------
     def nbytes(self) -> int:

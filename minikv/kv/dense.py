@@ -1,7 +1,7 @@
 """`fp16`: the unquantized cache, in the backend's compute dtype (float32 on the CPU)."""
 from __future__ import annotations
 
-from .attention import causal_attention, causal_mask
+from .attention import attention, causal_limits
 from .base import KVCache
 from .registry import register
 
@@ -17,12 +17,7 @@ class DenseCache(KVCache):
         xp = self.xp
         self.k = [xp.zeros(shape, dtype=backend.dtype) for _ in range(geom.n_layers)]
         self.v = [xp.zeros(shape, dtype=backend.dtype) for _ in range(geom.n_layers)]
-        self._mask = None
 
-    def begin_step(self, n_new):
-        start = super().begin_step(n_new)
-        self._mask = None  # built once per step, on the first attend
-        return start
 
     def update(self, layer, k, v):
         T = k.shape[2]
@@ -37,12 +32,9 @@ class DenseCache(KVCache):
             self.v[layer][b, :, lo:lo + n] = v[b, :, :n]
 
     def attend(self, layer, q):
-        T = q.shape[2]
         S = int((self.lengths + self.n_new).max())
-        if self._mask is None:
-            self._mask = causal_mask(self.xp, self.lengths, self.n_new, T, S)
-        k, v = self.k[layer][:, :, :S], self.v[layer][:, :, :S]
-        return causal_attention(self.xp, q, k, v, self._mask, self.geom.scale)
+        limit = causal_limits(self.lengths, self.n_new, q.shape[2])
+        return attention(self.xp, q, [(self.k[layer][:, :, :S], self.v[layer][:, :, :S], limit)], self.geom.scale)
 
     def nbytes(self):
         per_token = 2 * self.geom.n_layers * self.geom.n_kv_heads * self.geom.head_dim

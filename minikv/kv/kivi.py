@@ -54,19 +54,19 @@ class KiviCache(ChunkedQuantCache):
         self.vm = [xp.zeros((B, H, NC * G, D // self.vgroup), np.float16) for _ in L]
 
     def _flush(self, layer, rows, c0, n, xk, xv):
-        xp, G = self.xp, self.G
+        xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, _, D = xk.shape
         k = xk[:, :, :n * G].astype(np.float32).reshape(nb, H, n, G, D)
         kc, ks, km, k_hat = quantize_k_chunks(xp, k, self.s["kbits"])
-        self.kc[layer][rows, :, c0:c0 + n] = kc
-        self.ks[layer][rows, :, c0:c0 + n] = ks
-        self.km[layer][rows, :, c0:c0 + n] = km
+        self.kc[layer][r, :, c0:c0 + n] = kc
+        self.ks[layer][r, :, c0:c0 + n] = ks
+        self.km[layer][r, :, c0:c0 + n] = km
         v = xv[:, :, :n * G].astype(np.float32)
         vc, vs, vm, v_hat = quantize_v_tokens(xp, v, self.s["vbits"], self.vgroup)
         t0 = c0 * G
-        self.vc[layer][rows, :, t0:t0 + n * G] = vc
-        self.vs[layer][rows, :, t0:t0 + n * G] = vs
-        self.vm[layer][rows, :, t0:t0 + n * G] = vm
+        self.vc[layer][r, :, t0:t0 + n * G] = vc
+        self.vs[layer][r, :, t0:t0 + n * G] = vs
+        self.vm[layer][r, :, t0:t0 + n * G] = vm
         return k_hat.reshape(nb, H, n * G, D), v_hat
 
     def dequantize(self, layer):

@@ -71,22 +71,22 @@ class NqkvCache(ChunkedQuantCache):
         self.va = [xp.zeros((B, H, T, D // self.bs), np.float16) for _ in L]
 
     def _flush(self, layer, rows, c0, n, xk, xv):
-        xp, G = self.xp, self.G
+        xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, _, D = xk.shape
         t0, t1 = c0 * G, (c0 + n) * G
         k = xk[:, :, :n * G].astype(np.float32)
         if self.channel:
             kc, ka, k_hat = quantize_channel_blocks(xp, k.reshape(nb, H, n, G, D), self.s["kbits"], self.s["bs"])
-            self.kc[layer][rows, :, t0:t1] = kc.reshape(nb, H, n * G, -1)
-            self.ka[layer][rows, :, c0:c0 + n] = ka
+            self.kc[layer][r, :, t0:t1] = kc.reshape(nb, H, n * G, -1)
+            self.ka[layer][r, :, c0:c0 + n] = ka
             k_hat = k_hat.reshape(nb, H, n * G, D)
         else:
             kc, ka, k_hat = quantize_token_blocks(xp, k, self.s["kbits"], self.bs)
-            self.kc[layer][rows, :, t0:t1] = kc
-            self.ka[layer][rows, :, t0:t1] = ka
+            self.kc[layer][r, :, t0:t1] = kc
+            self.ka[layer][r, :, t0:t1] = ka
         vc, va, v_hat = quantize_token_blocks(xp, xv[:, :, :n * G].astype(np.float32), self.s["vbits"], self.bs)
-        self.vc[layer][rows, :, t0:t1] = vc
-        self.va[layer][rows, :, t0:t1] = va
+        self.vc[layer][r, :, t0:t1] = vc
+        self.va[layer][r, :, t0:t1] = va
         return k_hat, v_hat
 
     def dequantize(self, layer):

@@ -51,55 +51,55 @@ class PatternKVCache(KiviCache):
 
     def _assign(self, layer, rows, c0, n, k, v):
         """Pattern indices (nb, H, n*G) for K and V of the n chunks, updating the patterns."""
-        xp, G = self.xp, self.G
+        xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, w, D = k.shape
         kp, vp = self.kpat[layer], self.vpat[layer]
         if c0 == 0:  # first flush of these sequences: mine their window (the prefill)
             m = min(self.s["m"], w)
             for x, pat in ((k, kp), (v, vp)):
-                pat[rows, :, :m] = kmeans(xp, x.reshape(nb * H, w, D), m).reshape(nb, H, m, D).astype(np.float16)
+                pat[r, :, :m] = kmeans(xp, x.reshape(nb * H, w, D), m).reshape(nb, H, m, D).astype(np.float16)
             self.count[layer, rows] = m
             flat = lambda x: x[:, :, :n * G].reshape(nb * H, n * G, D)  # noqa: E731
-            ak = nearest_l2(xp, flat(k), kp[rows, :, :m].reshape(nb * H, m, D))
-            av = nearest_l2(xp, flat(v), vp[rows, :, :m].reshape(nb * H, m, D))
+            ak = nearest_l2(xp, flat(k), kp[r, :, :m].reshape(nb * H, m, D))
+            av = nearest_l2(xp, flat(v), vp[r, :, :m].reshape(nb * H, m, D))
             return ak.reshape(nb, H, n * G), av.reshape(nb, H, n * G)
         ak, av = [], []
         for i in range(n):  # chunk by chunk: each may add the pattern the next ones use
             ck, cv = k[:, :, i * G:(i + 1) * G], v[:, :, i * G:(i + 1) * G]  # (nb, H, G, D)
             m = int(self.count[layer, rows[0]])  # rows in one flush group share their state
             if m < self.s["mmax"]:
-                kp[rows, :, m] = chebyshev_centre(ck.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
-                vp[rows, :, m] = chebyshev_centre(cv.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
+                kp[r, :, m] = chebyshev_centre(ck.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
+                vp[r, :, m] = chebyshev_centre(cv.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
                 m += 1
                 self.count[layer, rows] = m
-            pk = kp[rows, :, :m].astype(np.float32).reshape(nb * H, m, D)
-            pv = vp[rows, :, :m].astype(np.float32).reshape(nb * H, m, D)
+            pk = kp[r, :, :m].astype(np.float32).reshape(nb * H, m, D)
+            pv = vp[r, :, :m].astype(np.float32).reshape(nb * H, m, D)
             ak.append(minmax_assign(xp, ck.reshape(nb * H, G, D), pk).reshape(nb, H, G))
             av.append(minmax_assign(xp, cv.reshape(nb * H, G, D), pv).reshape(nb, H, G))
         return xp.concatenate(ak, axis=-1), xp.concatenate(av, axis=-1)
 
     def _flush(self, layer, rows, c0, n, xk, xv):
-        xp, G = self.xp, self.G
+        xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, _, D = xk.shape
         k, v = xk.astype(np.float32), xv.astype(np.float32)
         ak, av = self._assign(layer, rows, c0, n, k, v)  # (nb, H, n*G)
         gather = lambda pat, a: xp.take_along_axis(  # noqa: E731  (nb, H, n*G, D) patterns per token
-            pat[rows].astype(np.float32), a[..., None].astype(np.int64), axis=2)
+            pat[r].astype(np.float32), a[..., None].astype(np.int64), axis=2)
         ck, cv = gather(self.kpat[layer], ak), gather(self.vpat[layer], av)
         k, v = k[:, :, :n * G], v[:, :, :n * G]
         t0, t1 = c0 * G, (c0 + n) * G
         kc, ks, km, rk_hat = quantize_k_chunks(xp, (k - ck).reshape(nb, H, n, G, D), self.s["kbits"])
-        self.kc[layer][rows, :, c0:c0 + n], self.ks[layer][rows, :, c0:c0 + n] = kc, ks
-        self.km[layer][rows, :, c0:c0 + n] = km
+        self.kc[layer][r, :, c0:c0 + n], self.ks[layer][r, :, c0:c0 + n] = kc, ks
+        self.km[layer][r, :, c0:c0 + n] = km
         use = v_use_residual(xp, v, cv)  # (nb, H, n*G)
         cv = xp.where(use[..., None], cv, np.float32(0.0))
         vc, vs, vm, rv_hat = quantize_v_tokens(xp, v - cv, self.s["vbits"], self.vgroup)
-        self.vc[layer][rows, :, t0:t1], self.vs[layer][rows, :, t0:t1] = vc, vs
-        self.vm[layer][rows, :, t0:t1] = vm
-        self.kidx[layer][rows, :, t0:t1] = ak.astype(np.uint8)
-        self.vidx[layer][rows, :, t0:t1] = av.astype(np.uint8)
+        self.vc[layer][r, :, t0:t1], self.vs[layer][r, :, t0:t1] = vc, vs
+        self.vm[layer][r, :, t0:t1] = vm
+        self.kidx[layer][r, :, t0:t1] = ak.astype(np.uint8)
+        self.vidx[layer][r, :, t0:t1] = av.astype(np.uint8)
         bits = use.reshape(nb, H, n * G // 8, 8).astype(np.uint8) << xp.arange(8, dtype=np.uint8)
-        self.vmask[layer][rows, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
+        self.vmask[layer][r, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
         self.v_resid[layer] += (int(use.sum()), use.size)
         return ck.reshape(nb, H, n * G, D) + rk_hat.reshape(nb, H, n * G, D), cv + rv_hat
 

@@ -1,0 +1,54 @@
+"""Perplexity rise over the unquantized cache, per text, for a few KV methods: one text is
+not enough to rank 2-bit methods (their perplexity moves by a few percent under fp16-level
+changes of the activations), so this scores the same methods on many texts.
+
+    python bench/kv_texts.py [MODEL_DIR] --texts FILE... --max-tokens 4096 --kv fp16 --kv kivi:2 ...
+
+The first --kv is the baseline. Prints a markdown table: rise (%) per text and method, the
+mean rise, and on how many texts each method beats the second --kv.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main():
+    from minikv.cli.args import load
+    from minikv.cli.perplexity import text_ids
+    from minikv.perplexity import perplexity
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=None)
+    ap.add_argument("--texts", nargs="+", required=True)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--kv", action="append", required=True)
+    args = ap.parse_args()
+    args.ctx_size = None
+    model, tok = load(args)
+    print(f"<!-- {' '.join(sys.argv)} | {model.backend.name} | {datetime.date.today()} -->")
+    print("| text | " + " | ".join(f"`{s}`" for s in args.kv) + " |")
+    print("| --- " * (len(args.kv) + 1) + "|")
+    rises = []
+    for path in args.texts:
+        ids = text_ids(tok, path, args.max_tokens)
+        ppl = [perplexity(model, ids, s, prefill=args.prefill).ppl for s in args.kv]
+        rises.append([100 * (p / ppl[0] - 1) for p in ppl])
+        cells = [f"{ppl[0]:.2f}"] + [f"{r:+.1f}%" for r in rises[-1][1:]]
+        print(f"| {Path(path).stem} | " + " | ".join(cells) + " |", flush=True)
+    r = np.array(rises)
+    print("| mean rise | — | " + " | ".join(f"{m:+.1f}%" for m in r[:, 1:].mean(0)) + " |")
+    if len(args.kv) > 2:
+        wins = (r[:, 2:] < r[:, 1:2]).sum(0)
+        print("| texts where it beats `" + args.kv[1] + "` | — | — | " +
+              " | ".join(f"{w}/{len(r)}" for w in wins) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+// The model's hot elementwise ops, fused where that saves a pass over the activations.
+// Float math mirrors minikv.ops.ArrayOps (the oracle): normalise in float32, round to fp16,
+// then scale by the fp16 weight.
+#include "common.cuh"
+
+using minikv::block_sum;
+
+// h = fp16(fp16(x * rstd) * w), rstd = 1 / sqrt(mean(x^2) + eps). One block per row.
+// x (rows, C) float32; w (C,) fp16; h (rows, C) fp16.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const __half* __restrict__ w,
+                                    __half* __restrict__ h, int C, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * C;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) ss += xr[i] * xr[i];
+    const float rstd = 1.0f / sqrtf(block_sum(ss, scratch) / C + eps);
+    __half* hr = h + (size_t)blockIdx.x * C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x)
+        hr[i] = __float2half_rn(__half2float(__float2half_rn(xr[i] * rstd)) * __half2float(w[i]));
+}
+
+// x += y (the residual stream absorbs a branch output), then h = rms_norm(x). Fused: one
+// read of x and y, one write of x and h. x (rows, C) float32 in place; y (rows, C) fp16.
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const __half* __restrict__ y,
+                                        const __half* __restrict__ w, __half* __restrict__ h,
+                                        int C, float eps) {
+    __shared__ float scratch[32];
+    float* xr = x + (size_t)blockIdx.x * C;
+    const __half* yr = y + (size_t)blockIdx.x * C;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        const float v = xr[i] + __half2float(yr[i]);
+        xr[i] = v;
+        ss += v * v;
+    }
+    const float rstd = 1.0f / sqrtf(block_sum(ss, scratch) / C + eps);
+    __half* hr = h + (size_t)blockIdx.x * C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x)
+        hr[i] = __float2half_rn(__half2float(__float2half_rn(xr[i] * rstd)) * __half2float(w[i]));
+}
+
+// Rotate-half RoPE in place on the q and k heads of a fused qkv activation.
+// qkv (B*T, (H + 2*Hkv) * D) fp16; pos (B*T,) int32 positions; inv_freq (D/2,) float32.
+// One thread per (token, rotated head, pair i < D/2); v heads are left alone.
+extern "C" __global__ void rope_qkv(__half* __restrict__ qkv, const int* __restrict__ pos,
+                                    const float* __restrict__ inv_freq, int n_tokens, int n_rot_heads,
+                                    int n_all_heads, int D) {
+    const int half_d = D >> 1;
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n_tokens * n_rot_heads * half_d) return;
+    const int i = idx % half_d;
+    const int head = (idx / half_d) % n_rot_heads;
+    const int tok = idx / ((long long)half_d * n_rot_heads);
+    float s, c;
+    sincosf((float)pos[tok] * inv_freq[i], &s, &c);
+    __half* row = qkv + ((size_t)tok * n_all_heads + head) * D;
+    const float a = __half2float(row[i]), b = __half2float(row[i + half_d]);
+    row[i] = __float2half_rn(a * c - b * s);  // x * cos + rotate_half(x) * sin
+    row[i + half_d] = __float2half_rn(b * c + a * s);
+}
+
+// out = silu(gate) * up for gate_up = [gate | up] along the last axis.
+// gate_up (rows, 2 I) fp16; out (rows, I) fp16.
+extern "C" __global__ void swiglu(const __half* __restrict__ gate_up, __half* __restrict__ out, int I,
+                                  long long n) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    const long long row = idx / I, col = idx % I;
+    const float g = __half2float(gate_up[row * 2 * I + col]);
+    const float u = __half2float(gate_up[row * 2 * I + I + col]);
+    out[idx] = __float2half_rn(g / (1.0f + expf(-g)) * u);
+}
+
+// x (N, C) float32 = table[tokens] (table (V, C) fp16, tokens (N,) int64).
+extern "C" __global__ void embed(const __half* __restrict__ table, const long long* __restrict__ tokens,
+                                 float* __restrict__ x, int C) {
+    const __half* src = table + (size_t)tokens[blockIdx.x] * C;
+    float* dst = x + (size_t)blockIdx.x * C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) dst[i] = __half2float(src[i]);
+}

@@ -1,0 +1,76 @@
+"""The model's hot ops as CUDA kernels (kernels_cu/ops.cu); ArrayOps is their oracle and
+the fallback for layouts the kernels do not take (e.g. Qwen3's per-head q/k norm)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ops import ArrayOps
+from .module import check, f32, i32, kernel
+
+_THREADS = 256
+
+
+def _row_threads(C: int) -> int:
+    """Threads for one row of C values: about two values each, whole warps, at most 1024."""
+    return min(1024, max(32, (C // 2 + 31) // 32 * 32))
+
+
+class CudaOps(ArrayOps):
+    def __init__(self, cp):
+        super().__init__(cp)
+        self._k = {n: kernel("ops", n) for n in ("rms_norm", "add_rms_norm", "rope_qkv", "swiglu", "embed")}
+
+    def rms_norm(self, x, w, eps, out_dtype):
+        if x.dtype != np.float32 or not x.flags.c_contiguous or np.dtype(out_dtype) != np.float16:
+            return super().rms_norm(x, w, eps, out_dtype)
+        C = x.shape[-1]
+        check("rms_norm w", w, np.float16, (C,))
+        h = self.xp.empty(x.shape, dtype=np.float16)
+        rows = x.size // C
+        self._k["rms_norm"]((rows,), (_row_threads(C),), (x, w, h, i32(C), f32(eps)))
+        return h
+
+    def add_rms_norm(self, x, y, w, eps, out_dtype):
+        if (np.dtype(out_dtype) != np.float16 or y.dtype != np.float16 or x.dtype != np.float32
+                or not x.flags.c_contiguous):
+            return super().add_rms_norm(x, y, w, eps, out_dtype)
+        C = x.shape[-1]
+        y = self.xp.ascontiguousarray(y)
+        check("add_rms_norm y", y, np.float16, x.shape)
+        check("add_rms_norm w", w, np.float16, (C,))
+        h = self.xp.empty(x.shape, dtype=np.float16)
+        self._k["add_rms_norm"]((x.size // C,), (_row_threads(C),), (x, y, w, h, i32(C), f32(eps)))
+        return h
+
+    def embed(self, table, tokens):
+        check("embed table", table, np.float16)
+        tok = self.xp.asarray(np.ascontiguousarray(tokens, dtype=np.int64))
+        B, T = tok.shape
+        C = table.shape[1]
+        x = self.xp.empty((B, T, C), dtype=np.float32)
+        self._k["embed"]((B * T,), (_row_threads(C),), (table, tok, x, i32(C)))
+        return x
+
+    def qkv_heads(self, qkv, rope_step, H, Hkv, D, q_norm=None, k_norm=None, eps=0.0):
+        if q_norm is not None or qkv.dtype != np.float16 or not qkv.flags.c_contiguous or D % 2:
+            return super().qkv_heads(qkv, rope_step, H, Hkv, D, q_norm, k_norm, eps)
+        B, T, W = qkv.shape
+        check("qkv", qkv, np.float16, (B, T, (H + 2 * Hkv) * D))
+        pos = self.xp.asarray(np.ascontiguousarray(rope_step.positions, dtype=np.int32))
+        check("rope inv_freq", rope_step.inv_freq, np.float32, (D // 2,))
+        n = B * T * (H + Hkv) * (D // 2)
+        self._k["rope_qkv"](((n + _THREADS - 1) // _THREADS,), (_THREADS,),
+                            (qkv, pos, rope_step.inv_freq, i32(B * T), i32(H + Hkv), i32(H + 2 * Hkv), i32(D)))
+        q = qkv[..., :H * D].reshape(B, T, H, D).transpose(0, 2, 1, 3)
+        k = qkv[..., H * D:(H + Hkv) * D].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        v = qkv[..., (H + Hkv) * D:].reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def swiglu(self, gate_up):
+        if gate_up.dtype != np.float16 or not gate_up.flags.c_contiguous:
+            return super().swiglu(gate_up)
+        I2 = gate_up.shape[-1]
+        out = self.xp.empty((*gate_up.shape[:-1], I2 // 2), dtype=np.float16)
+        n = out.size
+        self._k["swiglu"](((n + _THREADS - 1) // _THREADS,), (_THREADS,), (gate_up, out, i32(I2 // 2), np.int64(n)))
+        return out

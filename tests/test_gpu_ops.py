@@ -1,0 +1,73 @@
+"""The model's CUDA hot ops against their ArrayOps oracle (same inputs, on the GPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ops():
+    import cupy as cp
+
+    from minikv.cuda.ops import CudaOps
+    from minikv.ops import ArrayOps
+
+    return cp, CudaOps(cp), ArrayOps(cp)
+
+
+def ulp_close(a, b, ulps=2):
+    """fp16 results within `ulps` units in the last place of each other."""
+    a, b = (x.get().astype(np.float32) for x in (a, b))
+    tol = ulps * np.maximum(np.abs(b), 6.1e-5) * 2.0 ** -10
+    assert np.isfinite(a).all() and (np.abs(a - b) <= tol).all(), np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 37, 576), (1, 5, 4096), (3, 2, 8)])
+def test_norms(ops, shape):
+    cp, cu, ref = ops
+    rng = cp.random.RandomState(0)
+    x = rng.standard_normal(shape, dtype=np.float32) * 3
+    w = (1 + 0.1 * rng.standard_normal(shape[-1:], dtype=np.float32)).astype(np.float16)
+    ulp_close(cu.rms_norm(x, w, 1e-5, np.float16), ref.rms_norm(x, w, 1e-5, np.float16))
+    y = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+    x1, x2 = x.copy(), x.copy()
+    h1, h2 = cu.add_rms_norm(x1, y, w, 1e-6, np.float16), ref.add_rms_norm(x2, y, w, 1e-6, np.float16)
+    assert cp.array_equal(x1, x2)  # the residual update is exact
+    ulp_close(h1, h2)
+
+
+def test_embed_and_swiglu(ops):
+    cp, cu, ref = ops
+    rng = cp.random.RandomState(1)
+    table = rng.standard_normal((1000, 96), dtype=np.float32).astype(np.float16)
+    tokens = np.random.default_rng(0).integers(0, 1000, size=(3, 7))
+    assert cp.array_equal(cu.embed(table, tokens), ref.embed(table, tokens))
+    gu = (rng.standard_normal((2, 9, 2 * 1536), dtype=np.float32) * 4).astype(np.float16)
+    ulp_close(cu.swiglu(gu), ref.swiglu(gu), ulps=1)
+
+
+@pytest.mark.parametrize("H,Hkv,D,T", [(32, 8, 128, 5), (9, 3, 64, 1), (4, 4, 8, 17)])
+def test_rope_in_place_on_qkv(ops, H, Hkv, D, T):
+    cp, cu, ref = ops
+    from minikv.config import RopeConfig
+    from minikv.models.rope import Rope
+
+    rng = cp.random.RandomState(2)
+    qkv = rng.standard_normal((2, T, (H + 2 * Hkv) * D), dtype=np.float32).astype(np.float16)
+    rope = Rope(RopeConfig(theta=500000.0, type="llama3", factor=8.0), D, cp)
+    step = rope.step(np.array([[100 + t for t in range(T)], [5000 + t for t in range(T)]]))
+    want = ref.qkv_heads(qkv.copy(), step, H, Hkv, D)
+    got = cu.qkv_heads(qkv.copy(), step, H, Hkv, D)
+    for g, w in zip(got, want):
+        ulp_close(g, w, ulps=4)  # sincosf vs cupy's cos/sin tables, then one fp16 rounding
+
+
+def test_wrappers_check_their_arguments(ops):
+    cp, cu, _ = ops
+    x = cp.ones((2, 64), np.float32)
+    with pytest.raises(TypeError):
+        cu.rms_norm(x, cp.ones(64, np.float32), 1e-5, np.float16)  # weight must be fp16
+    with pytest.raises(ValueError):
+        cu.rms_norm(x, cp.ones(32, np.float16), 1e-5, np.float16)  # wrong length
