@@ -2,6 +2,13 @@
 #pragma once
 #include <cuda_fp16.h>
 
+// NVRTC (how CuPy compiles these) has no C standard headers: spell out what we use (the same
+// types glibc gives them, so nvcc builds that also see <stdint.h> agree).
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+#define MINIKV_INF __int_as_float(0x7f800000)
+
 namespace minikv {
 
 // Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets it.

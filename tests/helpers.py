@@ -21,6 +21,8 @@ CASES = {
     "mistral": dict(model_type="mistral", num_key_value_heads=1, head_dim=32),
     "qwen2-bias": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3-qknorm": dict(model_type="qwen3", head_dim=24, num_attention_heads=8, num_key_value_heads=2),
+    # head_dim 64: on the GPU this one runs the fused attention kernel
+    "llama-hd64": dict(model_type="llama", hidden_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=2),
 }
 
 

@@ -1,4 +1,5 @@
-"""Quantized caches on CuPy agree with NumPy (the same perplexity to 3 significant digits)."""
+"""Quantized caches on CuPy agree with NumPy: identical keys and values give identical stored
+bytes; end to end, the fp16 cache gives the same perplexity to 3 significant digits."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,13 +17,19 @@ SPECS = ["fp16", "kivi:2", "kivi:4", "nqkv:2", "nqkv:3,kaxis=channel", "patternk
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_perplexity_cupy_matches_numpy(spec):
+    """The GPU computes activations in fp16, the CPU in fp32, so K/V differ by ~1e-3 and some
+    low-bit codes and pattern choices flip; the flips compound through the layers. Rounding only
+    the CPU's matmul inputs to fp16 moves SmolLM2's perplexity by up to 3.4% for patternkv:2
+    (bench/RESULTS.md), so quantized methods are held to that band, fp16 to 3 digits."""
     ids = Tokenizer.from_dir(STORIES).encode((TEXT / "tinystories_valid_fragment.txt").read_text())[:512]
     cpu = perplexity(load_model(STORIES, get_backend("cpu")), ids, spec, prefill=128)
     gpu = perplexity(load_model(STORIES, get_backend("cuda")), ids, spec, prefill=128)
     print(f"{spec}: numpy {cpu.ppl:.4f} cupy {gpu.ppl:.4f} bits {cpu.bits_per_value:.3f}/{gpu.bits_per_value:.3f}")
-    assert f"{cpu.ppl:.3g}" == f"{gpu.ppl:.3g}" or abs(gpu.ppl / cpu.ppl - 1) < 2e-3
-    if spec != "fp16":  # the format's bytes do not depend on the device
-        assert cpu.kv_bytes == gpu.kv_bytes
+    if spec == "fp16":
+        assert f"{cpu.ppl:.3g}" == f"{gpu.ppl:.3g}"
+    else:
+        assert abs(gpu.ppl / cpu.ppl - 1) < (0.04 if ":2" in spec else 0.01)
+        assert cpu.kv_bytes == gpu.kv_bytes  # the format's bytes do not depend on the device
 
 
 def structured_kv(L, H, T, D, seed=0):
@@ -64,3 +71,24 @@ def test_same_kv_gives_bit_identical_storage(spec, D):
     np.testing.assert_array_equal(gpu.n_chunks, cpu.n_chunks)
     if hasattr(cpu, "count"):
         np.testing.assert_array_equal(gpu.count, cpu.count)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "kivi:16,g=64,r=64", "kivi:4,g=64,r=64,sink=3"])
+def test_fused_and_reference_attention_agree_in_the_model(spec, tmp_path):
+    """A model with head_dim 64 through the fused kernel and through the array-op reference:
+    prefill, decode steps across several flushes."""
+    from helpers import make_hf_model, rel_err, save_hf_model
+    from minikv.kv import make_cache
+
+    model = load_model(save_hf_model(make_hf_model("llama-hd64"), tmp_path / "m"), get_backend("cuda"))
+    ids = np.random.default_rng(0).integers(0, 300, size=(2, 300))
+    out = {}
+    for attention in ("auto", "reference"):
+        cache = make_cache(spec, model.kv_geometry, 2, 320, model.backend, attention=attention)
+        assert (cache.fused is not None) == (attention == "auto")
+        logits = [model.forward(ids[:, :100], cache, logits="all")]
+        logits += [model.forward(ids[:, t:t + 1], cache, logits="all") for t in range(100, 300)]
+        out[attention] = np.concatenate([x.get() for x in logits], axis=1)
+    err = rel_err(out["auto"], out["reference"])
+    print(f"{spec}: fused vs reference logits rel err {err:.1e}")
+    assert err < 2e-2

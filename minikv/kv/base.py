@@ -32,11 +32,20 @@ class KVGeometry:
 class KVCache(ABC):
     method = "?"
 
-    def __init__(self, geom: KVGeometry, batch: int, capacity: int, backend: Backend):
+    def __init__(self, geom: KVGeometry, batch: int, capacity: int, backend: Backend, attention: str = "auto"):
         self.geom, self.batch, self.capacity, self.backend = geom, batch, capacity, backend
         self.xp = backend.xp
+        self.fused = self._fused_kernel() if attention == "auto" else None  # else: reference array ops
         self.lengths = np.zeros(batch, dtype=np.int64)  # committed tokens per sequence (host)
         self.n_new = np.zeros(batch, dtype=np.int64)  # tokens being added in the current step
+
+    def _fused_kernel(self):
+        """The fused CUDA attention where this cache's geometry allows it, else None."""
+        if not self.backend.is_gpu or self.geom.head_dim not in (64, 128):
+            return None
+        from ..cuda.attention import FusedAttention
+
+        return FusedAttention(self.xp, self.geom.head_dim)
 
     @classmethod
     def validate(cls, spec) -> None:

@@ -73,8 +73,8 @@ class ChunkedQuantCache(KVCache):
         cls.settings(spec)
 
     # -- state --------------------------------------------------------------------------------
-    def __init__(self, geom, batch, capacity, backend, spec):
-        super().__init__(geom, batch, capacity, backend)
+    def __init__(self, geom, batch, capacity, backend, spec, attention="auto"):
+        super().__init__(geom, batch, capacity, backend, attention)
         self.spec, self.s = spec, self.settings(spec)
         self.G, self.S = self.s["g"], self.s["sink"]
         self.flush_at = max(self.s["r"], self.G)  # window size that triggers a flush
@@ -86,8 +86,11 @@ class ChunkedQuantCache(KVCache):
         self.sink_v = [xp.zeros(shape[:2] + (self.S,) + shape[3:], dt) for _ in L]
         self.win_k = [xp.zeros(shape[:2] + (self.flush_at,) + shape[3:], dt) for _ in L]
         self.win_v = [xp.zeros(shape[:2] + (self.flush_at,) + shape[3:], dt) for _ in L]
-        hist = shape[:2] + (self.n_chunks_max * self.G,) + shape[3:]
-        self.hist_k = [xp.zeros(hist, dt) for _ in L]  # reference attention: dequantized chunks
+        if self.fused is not None and self.G % 64:
+            self.fused = None  # the kernel walks chunks in 64-token tiles
+        # The reference attention keeps the flushed chunks dequantized; the kernel reads storage.
+        hist = shape[:2] + ((0 if self.fused else self.n_chunks_max * self.G),) + shape[3:]
+        self.hist_k = [xp.zeros(hist, dt) for _ in L]
         self.hist_v = [xp.zeros(hist, dt) for _ in L]
         self._step: list = [None] * geom.n_layers  # this step's (k, v) per layer until commit
         self._groups: list = []
@@ -96,6 +99,13 @@ class ChunkedQuantCache(KVCache):
 
     def allocate(self) -> None:
         """Allocate the packed storage for n_chunks_max chunks per sequence and layer."""
+
+    def quantizers(self, oracle_module: str, cuda_module: str):
+        """The module holding a method's quantize functions: its CUDA kernels on the GPU (same
+        signatures, bit-identical results), else the array-op oracle."""
+        import importlib
+
+        return importlib.import_module(cuda_module if self.backend.is_gpu else oracle_module)
 
     def reset(self) -> None:
         super().reset()
@@ -138,6 +148,8 @@ class ChunkedQuantCache(KVCache):
 
     def _store(self, x):
         # The window and sinks are fp16 in the format, whatever the compute dtype.
+        if x.dtype == np.float16:
+            return x
         return x.astype(np.float16).astype(self.backend.dtype, copy=False)
 
     def update(self, layer, k, v):
@@ -149,7 +161,10 @@ class ChunkedQuantCache(KVCache):
         return out
 
     def _attend(self, layer, q):
-        """Reference attention over sinks | dequantized chunks | window | step."""
+        """Attention over sinks | chunks | window | step: the fused kernel, or the reference
+        over the dequantized chunks."""
+        if self.fused is not None:
+            return self._attend_fused(layer, q)
         k, v = self._step[layer]
         T = q.shape[2]
         sl = np.minimum(self.lengths, self.S)
@@ -162,6 +177,20 @@ class ChunkedQuantCache(KVCache):
         segs = [(a, b, np.broadcast_to(lim[:, None] if lim.ndim == 1 else lim, (self.batch, T)))
                 for a, b, lim in segs]
         return attention(self.xp, q, segs, self.geom.scale)
+
+    def _attend_fused(self, layer, q):
+        from ..cuda.attention import tiles_per_row
+
+        sl, wl = np.minimum(self.lengths, self.S), self._window_len()
+        info = np.stack([sl, self.n_chunks, wl, self.n_new, np.zeros_like(sl)], axis=1)
+        sinks = (self.sink_k[layer], self.sink_v[layer]) if self.S else None
+        return self.fused(q, info, self.geom.scale, sinks, (self.win_k[layer], self.win_v[layer]),
+                          self._step[layer], self.kernel_storage(layer),
+                          tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G))
+
+    def kernel_storage(self, layer: int):
+        """The packed chunks of `layer` as the fused kernel reads them (a cuda.attention.Storage)."""
+        raise NotImplementedError
 
     def commit(self, layer: int) -> None:
         """Store this step's keys/values of `layer`: sinks first, then the window, flushing
@@ -184,8 +213,9 @@ class ChunkedQuantCache(KVCache):
             xk = xp.concatenate([self.win_k[layer][r, :, :w], k[r, :, ns:n]], axis=2)  # (nb, Hkv, w', D)
             xv = xp.concatenate([self.win_v[layer][r, :, :w], v[r, :, ns:n]], axis=2)
             k_hat, v_hat = self._flush(layer, rows, c0, f, xk, xv)
-            self.hist_k[layer][r, :, c0 * G:(c0 + f) * G] = k_hat
-            self.hist_v[layer][r, :, c0 * G:(c0 + f) * G] = v_hat
+            if self.fused is None:
+                self.hist_k[layer][r, :, c0 * G:(c0 + f) * G] = k_hat
+                self.hist_v[layer][r, :, c0 * G:(c0 + f) * G] = v_hat
             rest = xk.shape[2] - f * G
             self.win_k[layer][r, :, :rest] = xk[:, :, f * G:]
             self.win_v[layer][r, :, :rest] = xv[:, :, f * G:]

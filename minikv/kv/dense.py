@@ -1,6 +1,8 @@
 """`fp16`: the unquantized cache, in the backend's compute dtype (float32 on the CPU)."""
 from __future__ import annotations
 
+import numpy as np
+
 from .attention import attention, causal_limits
 from .base import KVCache
 from .registry import register
@@ -11,8 +13,8 @@ class DenseCache(KVCache):
     method = "fp16"
     options: dict = {}
 
-    def __init__(self, geom, batch, capacity, backend, spec=None):
-        super().__init__(geom, batch, capacity, backend)
+    def __init__(self, geom, batch, capacity, backend, spec=None, attention="auto"):
+        super().__init__(geom, batch, capacity, backend, attention)
         shape = (batch, geom.n_kv_heads, capacity, geom.head_dim)  # (B, Hkv, T, D) per layer
         xp = self.xp
         self.k = [xp.zeros(shape, dtype=backend.dtype) for _ in range(geom.n_layers)]
@@ -32,6 +34,14 @@ class DenseCache(KVCache):
             self.v[layer][b, :, lo:lo + n] = v[b, :, :n]
 
     def attend(self, layer, q):
+        if self.fused is not None:  # the history, then this step's keys (same buffer, causal)
+            from ..cuda.attention import Storage, tiles_per_row
+
+            z = np.zeros_like(self.lengths)
+            info = np.stack([z, z, self.lengths, self.n_new, self.lengths], axis=1)
+            kv = (self.k[layer], self.v[layer])
+            return self.fused(q, info, self.geom.scale, None, kv, kv, Storage("fp16"),
+                              tiles_per_row(0, 0, self.lengths, self.n_new, 64))
         S = int((self.lengths + self.n_new).max())
         limit = causal_limits(self.lengths, self.n_new, q.shape[2])
         return attention(self.xp, q, [(self.k[layer][:, :, :S], self.v[layer][:, :, :S], limit)], self.geom.scale)

@@ -45,6 +45,7 @@ class KiviCache(ChunkedQuantCache):
         H, D, G, NC = g.n_kv_heads, g.head_dim, self.G, self.n_chunks_max
         kb, vb = self.s["kbits"], self.s["vbits"]
         self.vgroup = min(D, 128)
+        self.q = self.quantizers("minikv.kv.kivi", "minikv.cuda.kivi")
         L = range(g.n_layers)
         self.kc = [xp.zeros((B, H, NC, G, D * kb // 8), np.uint8) for _ in L]
         self.ks = [xp.zeros((B, H, NC, D), np.float16) for _ in L]
@@ -57,17 +58,23 @@ class KiviCache(ChunkedQuantCache):
         xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, _, D = xk.shape
         k = xk[:, :, :n * G].astype(np.float32).reshape(nb, H, n, G, D)
-        kc, ks, km, k_hat = quantize_k_chunks(xp, k, self.s["kbits"])
+        kc, ks, km, k_hat = self.q.quantize_k_chunks(xp, k, self.s["kbits"])
         self.kc[layer][r, :, c0:c0 + n] = kc
         self.ks[layer][r, :, c0:c0 + n] = ks
         self.km[layer][r, :, c0:c0 + n] = km
         v = xv[:, :, :n * G].astype(np.float32)
-        vc, vs, vm, v_hat = quantize_v_tokens(xp, v, self.s["vbits"], self.vgroup)
+        vc, vs, vm, v_hat = self.q.quantize_v_tokens(xp, v, self.s["vbits"], self.vgroup)
         t0 = c0 * G
         self.vc[layer][r, :, t0:t0 + n * G] = vc
         self.vs[layer][r, :, t0:t0 + n * G] = vs
         self.vm[layer][r, :, t0:t0 + n * G] = vm
         return k_hat.reshape(nb, H, n * G, D), v_hat
+
+    def kernel_storage(self, layer):
+        from ..cuda.attention import Storage
+
+        return Storage(self.method, self.s["kbits"], self.s["vbits"], self.kc[layer], self.ks[layer], self.km[layer],
+                       self.vc[layer], self.vs[layer], self.vm[layer], self.n_chunks_max, self.G)
 
     def dequantize(self, layer):
         """K^, V^ (B, Hkv, NC*G, D) float32 rebuilt from the packed storage alone."""

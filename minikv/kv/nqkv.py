@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import MinikvError
 from .chunked import ChunkedQuantCache
-from .packing import nf_codes, nf_dequant, nf_params, pack, unpack
+from .packing import nf_codes, nf_dequant, nf_levels, nf_params, pack, unpack
 from .registry import register
 
 
@@ -64,6 +64,7 @@ class NqkvCache(ChunkedQuantCache):
         kb, vb, T = self.s["kbits"], self.s["vbits"], NC * G
         L = range(g.n_layers)
         self.channel = self.s["kaxis"] == "channel"
+        self.q = self.quantizers("minikv.kv.nqkv", "minikv.cuda.nqkv")
         ka_shape = (B, H, NC, G // self.s["bs"], D) if self.channel else (B, H, T, D // self.bs)
         self.kc = [xp.zeros((B, H, T, D * kb // 8), np.uint8) for _ in L]
         self.ka = [xp.zeros(ka_shape, np.float16) for _ in L]
@@ -76,18 +77,27 @@ class NqkvCache(ChunkedQuantCache):
         t0, t1 = c0 * G, (c0 + n) * G
         k = xk[:, :, :n * G].astype(np.float32)
         if self.channel:
-            kc, ka, k_hat = quantize_channel_blocks(xp, k.reshape(nb, H, n, G, D), self.s["kbits"], self.s["bs"])
+            kc, ka, k_hat = self.q.quantize_channel_blocks(xp, k.reshape(nb, H, n, G, D), self.s["kbits"], self.s["bs"])
             self.kc[layer][r, :, t0:t1] = kc.reshape(nb, H, n * G, -1)
             self.ka[layer][r, :, c0:c0 + n] = ka
             k_hat = k_hat.reshape(nb, H, n * G, D)
         else:
-            kc, ka, k_hat = quantize_token_blocks(xp, k, self.s["kbits"], self.bs)
+            kc, ka, k_hat = self.q.quantize_token_blocks(xp, k, self.s["kbits"], self.bs)
             self.kc[layer][r, :, t0:t1] = kc
             self.ka[layer][r, :, t0:t1] = ka
-        vc, va, v_hat = quantize_token_blocks(xp, xv[:, :, :n * G].astype(np.float32), self.s["vbits"], self.bs)
+        vc, va, v_hat = self.q.quantize_token_blocks(xp, xv[:, :, :n * G].astype(np.float32), self.s["vbits"], self.bs)
         self.vc[layer][r, :, t0:t1] = vc
         self.va[layer][r, :, t0:t1] = va
         return k_hat, v_hat
+
+    def kernel_storage(self, layer):
+        from ..cuda.attention import Storage
+
+        if not hasattr(self, "_levels"):
+            self._levels = tuple(self.xp.asarray(nf_levels(self.s[k])) for k in ("kbits", "vbits"))
+        return Storage("nqkv_channel" if self.channel else "nqkv_token", self.s["kbits"], self.s["vbits"],
+                       self.kc[layer], self.ka[layer], None, self.vc[layer], self.va[layer], None,
+                       self.n_chunks_max, self.G, self.s["bs"], *self._levels)
 
     def dequantize(self, layer):
         """K^, V^ (B, Hkv, NC*G, D) float32 rebuilt from the packed storage alone."""

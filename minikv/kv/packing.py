@@ -68,8 +68,9 @@ def f16_round(xp, x, direction: int):
 def uniform_params(xp, x, axis: int, bits: int):
     """fp16 (scale, min) over `axis` of float32 x, kept dims. min is rounded down and scale
     up, so min + (2^b - 1) * scale covers the max: the error is at most scale / 2."""
-    mn = f16_round(xp, x.min(axis=axis, keepdims=True), -1)
-    mx = x.max(axis=axis, keepdims=True)
+    # + 0 turns -0 into +0: a min/max over +0 and -0 may return either, depending on order.
+    mn = f16_round(xp, x.min(axis=axis, keepdims=True) + np.float32(0.0), -1)
+    mx = x.max(axis=axis, keepdims=True) + np.float32(0.0)
     scale = f16_round(xp, (mx - mn.astype(np.float32)) / np.float32((1 << bits) - 1), +1)
     return scale, mn
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kivi import KiviCache, quantize_k_chunks, quantize_v_tokens
-from .patterns import chebyshev_centre, kmeans, minmax_assign, nearest_l2, v_use_residual
+from .kivi import KiviCache
 from .registry import register
 
 
@@ -42,6 +41,7 @@ class PatternKVCache(KiviCache):
         self.kpat = [xp.zeros((B, H, M, D), np.float16) for _ in L]
         self.vpat = [xp.zeros((B, H, M, D), np.float16) for _ in L]
         self.count = np.zeros((g.n_layers, B), dtype=np.int64)  # patterns per (layer, sequence)
+        self.pm = self.quantizers("minikv.kv.patterns", "minikv.cuda.patternkv")  # mining functions
         self.v_resid = np.zeros((g.n_layers, 2), dtype=np.int64)  # V tokens (residualised, total)
 
     def reset(self):
@@ -57,25 +57,26 @@ class PatternKVCache(KiviCache):
         if c0 == 0:  # first flush of these sequences: mine their window (the prefill)
             m = min(self.s["m"], w)
             for x, pat in ((k, kp), (v, vp)):
-                pat[r, :, :m] = kmeans(xp, x.reshape(nb * H, w, D), m).reshape(nb, H, m, D).astype(np.float16)
+                pat[r, :, :m] = self.pm.kmeans(xp, x.reshape(nb * H, w, D), m).reshape(nb, H, m, D).astype(np.float16)
             self.count[layer, rows] = m
             flat = lambda x: x[:, :, :n * G].reshape(nb * H, n * G, D)  # noqa: E731
-            ak = nearest_l2(xp, flat(k), kp[r, :, :m].reshape(nb * H, m, D))
-            av = nearest_l2(xp, flat(v), vp[r, :, :m].reshape(nb * H, m, D))
+            pat = lambda p: p[r, :, :m].astype(np.float32).reshape(nb * H, m, D)  # noqa: E731
+            ak = self.pm.nearest_l2(xp, flat(k), pat(kp))
+            av = self.pm.nearest_l2(xp, flat(v), pat(vp))
             return ak.reshape(nb, H, n * G), av.reshape(nb, H, n * G)
         ak, av = [], []
         for i in range(n):  # chunk by chunk: each may add the pattern the next ones use
             ck, cv = k[:, :, i * G:(i + 1) * G], v[:, :, i * G:(i + 1) * G]  # (nb, H, G, D)
             m = int(self.count[layer, rows[0]])  # rows in one flush group share their state
             if m < self.s["mmax"]:
-                kp[r, :, m] = chebyshev_centre(ck.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
-                vp[r, :, m] = chebyshev_centre(cv.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
+                kp[r, :, m] = self.pm.chebyshev_centre(ck.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
+                vp[r, :, m] = self.pm.chebyshev_centre(cv.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
                 m += 1
                 self.count[layer, rows] = m
             pk = kp[r, :, :m].astype(np.float32).reshape(nb * H, m, D)
             pv = vp[r, :, :m].astype(np.float32).reshape(nb * H, m, D)
-            ak.append(minmax_assign(xp, ck.reshape(nb * H, G, D), pk).reshape(nb, H, G))
-            av.append(minmax_assign(xp, cv.reshape(nb * H, G, D), pv).reshape(nb, H, G))
+            ak.append(self.pm.minmax_assign(xp, ck.reshape(nb * H, G, D), pk).reshape(nb, H, G))
+            av.append(self.pm.minmax_assign(xp, cv.reshape(nb * H, G, D), pv).reshape(nb, H, G))
         return xp.concatenate(ak, axis=-1), xp.concatenate(av, axis=-1)
 
     def _flush(self, layer, rows, c0, n, xk, xv):
@@ -88,12 +89,12 @@ class PatternKVCache(KiviCache):
         ck, cv = gather(self.kpat[layer], ak), gather(self.vpat[layer], av)
         k, v = k[:, :, :n * G], v[:, :, :n * G]
         t0, t1 = c0 * G, (c0 + n) * G
-        kc, ks, km, rk_hat = quantize_k_chunks(xp, (k - ck).reshape(nb, H, n, G, D), self.s["kbits"])
+        kc, ks, km, rk_hat = self.q.quantize_k_chunks(xp, (k - ck).reshape(nb, H, n, G, D), self.s["kbits"])
         self.kc[layer][r, :, c0:c0 + n], self.ks[layer][r, :, c0:c0 + n] = kc, ks
         self.km[layer][r, :, c0:c0 + n] = km
-        use = v_use_residual(xp, v, cv)  # (nb, H, n*G)
+        use = self.pm.v_use_residual(xp, v, cv)  # (nb, H, n*G)
         cv = xp.where(use[..., None], cv, np.float32(0.0))
-        vc, vs, vm, rv_hat = quantize_v_tokens(xp, v - cv, self.s["vbits"], self.vgroup)
+        vc, vs, vm, rv_hat = self.q.quantize_v_tokens(xp, v - cv, self.s["vbits"], self.vgroup)
         self.vc[layer][r, :, t0:t1], self.vs[layer][r, :, t0:t1] = vc, vs
         self.vm[layer][r, :, t0:t1] = vm
         self.kidx[layer][r, :, t0:t1] = ak.astype(np.uint8)
@@ -102,6 +103,12 @@ class PatternKVCache(KiviCache):
         self.vmask[layer][r, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
         self.v_resid[layer] += (int(use.sum()), use.size)
         return ck.reshape(nb, H, n * G, D) + rk_hat.reshape(nb, H, n * G, D), cv + rv_hat
+
+    def kernel_storage(self, layer):
+        st = super().kernel_storage(layer)
+        st.kidx, st.vidx, st.vmask = self.kidx[layer], self.vidx[layer], self.vmask[layer]
+        st.kpat, st.vpat, st.mmax = self.kpat[layer], self.vpat[layer], self.s["mmax"]
+        return st
 
     def dequantize(self, layer):
         """K^, V^ (B, Hkv, NC*G, D) float32 rebuilt from the packed storage alone:

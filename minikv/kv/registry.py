@@ -52,7 +52,8 @@ def parse_kv_spec(text: str) -> KVSpec:
     return spec
 
 
-def make_cache(spec: KVSpec | str, geom, batch: int, capacity: int, backend):
+def make_cache(spec: KVSpec | str, geom, batch: int, capacity: int, backend, attention: str = "auto"):
+    """attention: "auto" (the fused CUDA kernel where it applies), "reference" (array ops)."""
     if isinstance(spec, str):
         spec = parse_kv_spec(spec)
-    return _METHODS[spec.method](geom, batch, capacity, backend, spec)
+    return _METHODS[spec.method](geom, batch, capacity, backend, spec, attention=attention)

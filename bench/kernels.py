@@ -1,0 +1,136 @@
+"""Fused attention speed against the memory roofline, and the prefill cost of quantizing.
+
+    python bench/kernels.py [--ctx 4096 ... 131072] [--batch 1 8] [--kv fp16 kivi:2 ...]
+
+For each (method, batch, context), a one-layer cache of Llama-3.1-8B's attention shape
+(32 query / 8 kv heads, head_dim 128) is filled directly with random packed storage (speed does
+not depend on the values), and one decode step's attention is timed with CUDA events (median
+of repeats). Bytes = what the step must read: the cache's stored bytes for its tokens plus
+q and the output. Then the prefill of an 8K prompt through a random-weight Llama-3.1-8B with
+each KV method: the extra time over fp16 is the cost of KMeans + packing.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def copy_bandwidth(cp, nbytes=2 << 30) -> float:
+    a = cp.ones(nbytes // 4, dtype=np.float32)
+    b = cp.empty_like(a)
+    return 2 * nbytes / timed(cp, lambda: b.__setitem__(Ellipsis, a), 10) / 1e9
+
+
+def timed(cp, fn, reps=20) -> float:
+    """Median seconds of fn() over reps, after a warm-up, with CUDA events."""
+    fn()
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
+    return float(np.median(times))
+
+
+def filled_cache(spec, B, ctx, backend):
+    """A one-layer cache holding ctx tokens per sequence, its storage random (not zeros)."""
+    cp = backend.xp
+    from minikv.kv import make_cache
+    from minikv.kv.base import KVGeometry
+
+    geom = KVGeometry(1, 32, 8, 128, 128 ** -0.5)
+    cache = make_cache(spec, geom, B, ctx + 8, backend)
+    rng = cp.random.RandomState(0)
+    for name, a in vars(cache).items():
+        if isinstance(a, list) and a and isinstance(a[0], cp.ndarray):
+            for x in a:
+                if x.dtype == np.uint8:
+                    x[...] = rng.randint(0, 256, size=x.shape, dtype=np.int32).astype(np.uint8)
+                else:
+                    x[...] = (rng.random_sample(x.shape) * 0.1 + 0.01).astype(x.dtype)
+    if hasattr(cache, "kidx"):  # pattern indices must stay below the pattern count
+        cache.kidx[0] %= 64
+        cache.vidx[0] %= 64
+        cache.count[:] = 64
+    cache.lengths[:] = ctx
+    if hasattr(cache, "n_chunks"):
+        cache.n_chunks[:] = (ctx - cache.S - 64) // cache.G  # leaves a partial window, as in use
+        cache.lengths[:] = cache.S + cache.n_chunks * cache.G + 64
+    return cache
+
+
+def attention_row(spec, B, ctx, backend, bw):
+    cp = backend.xp
+    cache = filled_cache(spec, B, ctx, backend)
+    q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
+    k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
+
+    attend = getattr(cache, "_attend", cache.attend)  # attention only: no commit, no flush
+
+    def step():  # the same decode step again and again: lengths never advance
+        cache.begin_step([1] * B)
+        cache.update(0, k, k)
+        return attend(0, q)
+
+    t = timed(cp, step, 30)
+    nbytes = cache.nbytes() + q.nbytes * 2
+    return t, nbytes, nbytes / t / 1e9
+
+
+def prefill_overhead(backend, specs, T=8192):
+    from minikv.kv import make_cache
+    from minikv.synthetic import synthetic_model
+
+    cp = backend.xp
+    model = synthetic_model("llama-3.1-8b", backend)
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=(1, T))
+    out = {}
+    for spec in specs:
+        def run():
+            model.forward(ids, make_cache(spec, model.kv_geometry, 1, T + 8, backend))
+        out[spec] = timed(cp, run, 3)
+    return out
+
+
+def main():
+    from minikv.backend import get_backend
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ctx", nargs="+", type=int, default=[4096, 8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--kv", nargs="+", default=["fp16", "kivi:2", "patternkv:2", "nqkv:2", "kivi:4"])
+    ap.add_argument("--prefill", nargs="*", default=["fp16", "kivi:2", "patternkv:2"])
+    args = ap.parse_args()
+    be = get_backend("cuda")
+    cp = be.xp
+    bw = copy_bandwidth(cp)
+    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy bandwidth {bw:.0f} GB/s "
+          f"(read + write, measured now)")
+    print(f"| kv | batch | context | time (us) | MB read | GB/s | % of copy | x faster than fp16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for B in args.batch:
+        for ctx in args.ctx:
+            base = None
+            for spec in args.kv:
+                t, nbytes, gbs = attention_row(spec, B, ctx, be, bw)
+                base = t if spec == "fp16" else base
+                speed = f"{base / t:.2f}" if base else "-"
+                print(f"| `{spec}` | {B} | {ctx} | {t * 1e6:.1f} | {nbytes / 1e6:.1f} | {gbs:.0f} | "
+                      f"{100 * gbs / bw:.0f}% | {speed} |", flush=True)
+                cp.get_default_memory_pool().free_all_blocks()
+    if args.prefill:
+        times = prefill_overhead(be, args.prefill)
+        print(f"\nprefill of 8192 tokens, random-weight Llama-3.1-8B, batch 1:")
+        for spec, t in times.items():
+            over = 100 * (t / times[args.prefill[0]] - 1)
+            print(f"  {spec:14} {t * 1e3:8.1f} ms  ({over:+.1f}% vs {args.prefill[0]})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

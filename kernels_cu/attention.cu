@@ -1,0 +1,306 @@
+// Fused attention over a KV cache, one kernel for every method (fp16, kivi, nqkv, patternkv)
+// and every step size (decode, chunks, prefill): the skeleton is shared, only the decode of a
+// key/value tile into fp16 shared memory differs (tiles.cuh).
+//
+// A block serves one (sequence b, kv head) and a tile of ROWS query rows, row r = t * g + j
+// (query t of the step, head j of the kv head's group of g): every query head of a kv head
+// reads each K/V tile once. Keys come in segments, in position order:
+//   sinks (fp16) | quantized chunks | window (fp16) | this step's keys (fp16, causal)
+// walked in tiles of TILE keys; blockIdx.x splits the tiles (flash-decoding), and
+// attend_reduce merges the splits. Scores and P.V run on tensor cores through mma.sync
+// m16n8k16 (fp16 in, fp32 accumulate; inline PTX: NVRTC has no <mma.h>), whose fragment
+// layout is known, so the output accumulator stays in registers and is rescaled per row.
+#include "tiles.cuh"
+
+using minikv::TILE;
+
+// D (16x8, f32) += A (16x16, f16, row-major) B (16x8, f16, col-major). Thread lane holds, with
+// g = lane / 4 and c = lane % 4: a = A[g][2c:2c+2], A[g+8][2c:], A[g][2c+8:], A[g+8][2c+8:];
+// b = B[2c:2c+2][g], B[2c+8:2c+10][g]; d = D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1].
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t u32(const __half* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
+    return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
+}
+
+enum Method { DENSE = 0, KIVI = 1, NQKV_TOKEN = 2, NQKV_CHANNEL = 3, PATTERN = 4 };
+
+// rowinfo (B, 5) int32 per sequence: sinks, chunks, window tokens, step tokens, step offset
+// (for the dense cache the step's keys sit in the same buffer, after the history).
+struct Row { int sinks, chunks, window, step, step_off; };
+
+constexpr int THREADS = 128;
+
+template <int D, int ROWS>
+struct Smem {  // offsets (bytes) of the shared-memory regions, each 128-byte aligned
+    // Rows padded by 8 halves: a warp's fragment loads then hit 32 different banks.
+    static constexpr int LDH = D + 8, LDS = TILE + 4, LDP = TILE + 8;
+    static constexpr int al(int x) { return (x + 127) / 128 * 128; }
+    static constexpr int Q = 0;
+    static constexpr int K = Q + al(ROWS * LDH * 2);
+    static constexpr int V = K + al(TILE * LDH * 2);
+    static constexpr int S = V + al(TILE * LDH * 2);
+    static constexpr int P = S + al(ROWS * LDS * 4);
+    static constexpr int M = P + al(ROWS * LDP * 2);  // running max, sum, rescale per row
+    static constexpr int BYTES = M + al(ROWS * 3 * 4);
+};
+
+template <int D, int METHOD, int KB, int VB, int ROWS>
+__global__ void __launch_bounds__(THREADS) attend(
+    const __half* __restrict__ q, long long q_sb, long long q_sh, long long q_st,  // (B, H, T, D) strided
+    int H, int Hkv, int T, float scale, const int* __restrict__ rowinfo,
+    const __half* sink_k, const __half* sink_v, int sink_cap,       // (B, Hkv, sink_cap, D)
+    const __half* win_k, const __half* win_v, int win_cap,          // (B, Hkv, win_cap, D)
+    const __half* step_k, const __half* step_v, long long s_sb, long long s_sh, long long s_st,
+    const uint8_t* kc, const __half* ks, const __half* km,          // K codes and scales/mins/absmax
+    const uint8_t* vc, const __half* vs, const __half* vm,          // V codes and scales/mins/absmax
+    int n_chunks_cap, int G, int bs, const float* levels_k, const float* levels_v,
+    const uint8_t* kidx, const uint8_t* vidx, const uint8_t* vmask, const __half* kpat,
+    const __half* vpat, int mmax,
+    float* __restrict__ o_part, float* __restrict__ ml_part) {   // (splits, B, H, T, D), (splits, B, H, T, 2)
+    using L = Smem<D, ROWS>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __half* Qs = reinterpret_cast<__half*>(smem + L::Q);
+    __half* Ks = reinterpret_cast<__half*>(smem + L::K);
+    __half* Vs = reinterpret_cast<__half*>(smem + L::V);
+    float* Ss = reinterpret_cast<float*>(smem + L::S);
+    __half* Ps = reinterpret_cast<__half*>(smem + L::P);
+    float* row_m = reinterpret_cast<float*>(smem + L::M);
+    float* row_l = row_m + ROWS;
+    float* row_a = row_l + ROWS;
+
+    const int b = blockIdx.z, B = gridDim.z, g = H / Hkv;
+    const int row_tiles = (g * T + ROWS - 1) / ROWS;
+    const int h = blockIdx.y / row_tiles, r0 = (blockIdx.y % row_tiles) * ROWS;
+    const int split = blockIdx.x, n_split = gridDim.x, tid = threadIdx.x, warp = tid >> 5;
+    const int lane = tid & 31, gq = lane >> 2, cq = lane & 3;  // mma fragment coordinates
+    // Warps tile the rows by 16 (WR of them) and split the keys (for S) or channels (for O).
+    constexpr int WR = ROWS / 16, WC = 4 / WR, NK = TILE / WC, ND = D / WC;
+    const int wr = warp % WR, wc = warp / WR;
+    float o[ND / 8][4];  // this warp's 16 rows x ND channels of the output, unnormalised
+#pragma unroll
+    for (int i = 0; i < ND / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    const Row info = reinterpret_cast<const Row*>(rowinfo)[b];
+    const long long bh = (long long)b * Hkv + h;
+
+    // Queries of this row tile; the step keys a row may see end at its own position.
+    for (int i = tid; i < ROWS * D; i += THREADS) {
+        const int r = r0 + i / D, d = i % D;
+        __half v = __float2half(0.0f);
+        if (r < g * T) v = q[b * q_sb + (long long)(h * g + r % g) * q_sh + (long long)(r / g) * q_st + d];
+        Qs[(i / D) * L::LDH + d] = v;
+    }
+    for (int r = tid; r < ROWS; r += THREADS) { row_m[r] = -MINIKV_INF; row_l[r] = 0.0f; }
+    const int last_row = min(r0 + ROWS, g * T) - 1;
+    const int step_seen = min(info.step, last_row / g + 1);  // step keys any row of the tile sees
+
+    const int per_chunk = G / TILE;
+    const int t_sink = (info.sinks + TILE - 1) / TILE, t_chunk = info.chunks * per_chunk;
+    const int t_win = (info.window + TILE - 1) / TILE, t_step = (step_seen + TILE - 1) / TILE;
+    const int total = t_sink + t_chunk + t_win + t_step;
+    const int per = (total + n_split - 1) / n_split;
+    const int lo = split * per, hi = min(total, lo + per);
+
+    for (int tile = lo; tile < hi; ++tile) {
+        int n_valid, causal_base = -1;  // causal_base >= 0: step keys, index of the tile's first
+        __syncthreads();  // previous tile's K/V/P are no longer read
+        if (tile < t_sink) {
+            const int k0 = tile * TILE;
+            n_valid = min(TILE, info.sinks - k0);
+            const long long off = (bh * sink_cap + k0) * D;
+            minikv::stage_fp16<D>(Ks, L::LDH, sink_k + off, D, n_valid);
+            minikv::stage_fp16<D>(Vs, L::LDH, sink_v + off, D, n_valid);
+        } else if (tile < t_sink + t_chunk) {
+            const int ct = tile - t_sink, c = ct / per_chunk, t0 = (ct % per_chunk) * TILE;
+            const long long tok = (bh * n_chunks_cap + c) * G + t0;  // token slot of the tile's first key
+            n_valid = TILE;
+            if constexpr (METHOD == KIVI || METHOD == PATTERN) {
+                const bool pat = METHOD == PATTERN;
+                minikv::stage_uniform<D, KB, false>(Ks, L::LDH, kc + tok * (D * KB / 8), ks + (bh * n_chunks_cap + c) * D,
+                                                    km + (bh * n_chunks_cap + c) * D, TILE,
+                                                    pat ? kpat + bh * mmax * D : nullptr, pat ? kidx + tok : nullptr,
+                                                    nullptr, 0);
+                constexpr int VG = D < 128 ? 1 : D / 128;
+                minikv::stage_uniform<D, VB, true>(Vs, L::LDH, vc + tok * (D * VB / 8), vs + tok * VG, vm + tok * VG, TILE,
+                                                   pat ? vpat + bh * mmax * D : nullptr, pat ? vidx + tok : nullptr,
+                                                   pat ? vmask + bh * n_chunks_cap * G / 8 : nullptr,
+                                                   (int)(tok - bh * n_chunks_cap * G));
+            } else if constexpr (METHOD == NQKV_TOKEN || METHOD == NQKV_CHANNEL) {
+                const int bsd = bs < D ? bs : D;  // token-axis blocks never exceed head_dim
+                if constexpr (METHOD == NQKV_CHANNEL) {
+                    const __half* a = ks + ((bh * n_chunks_cap + c) * (G / bs) + t0 / bs) * D;
+                    minikv::stage_nf<D, KB, true>(Ks, L::LDH, kc + tok * (D * KB / 8), a, bs, t0 % bs, levels_k, TILE);
+                } else {
+                    minikv::stage_nf<D, KB, false>(Ks, L::LDH, kc + tok * (D * KB / 8), ks + tok * (D / bsd), bsd, 0,
+                                                   levels_k, TILE);
+                }
+                minikv::stage_nf<D, VB, false>(Vs, L::LDH, vc + tok * (D * VB / 8), vs + tok * (D / bsd), bsd, 0,
+                                               levels_v, TILE);
+            }
+        } else if (tile < t_sink + t_chunk + t_win) {
+            const int k0 = (tile - t_sink - t_chunk) * TILE;
+            n_valid = min(TILE, info.window - k0);
+            const long long off = (bh * win_cap + k0) * D;
+            minikv::stage_fp16<D>(Ks, L::LDH, win_k + off, D, n_valid);
+            minikv::stage_fp16<D>(Vs, L::LDH, win_v + off, D, n_valid);
+        } else {
+            const int k0 = (tile - t_sink - t_chunk - t_win) * TILE;
+            n_valid = min(TILE, step_seen - k0);
+            causal_base = k0;
+            const long long off = b * s_sb + h * s_sh + (long long)(info.step_off + k0) * s_st;
+            minikv::stage_fp16<D>(Ks, L::LDH, step_k + off, s_st, n_valid);
+            minikv::stage_fp16<D>(Vs, L::LDH, step_v + off, s_st, n_valid);
+        }
+        __syncthreads();
+
+        // S = Q K^T (ROWS x TILE); Ks rows are keys, so B = K^T is col-major as mma wants.
+        {
+            float acc[NK / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < NK / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+            for (int k0 = 0; k0 < D; k0 += 16) {
+                const __half* qa = Qs + (wr * 16 + gq) * L::LDH + k0 + 2 * cq;
+                const uint32_t a[4] = {u32(qa), u32(qa + 8 * L::LDH), u32(qa + 8), u32(qa + 8 * L::LDH + 8)};
+#pragma unroll
+                for (int nt = 0; nt < NK / 8; ++nt) {
+                    const __half* kb = Ks + (wc * NK + nt * 8 + gq) * L::LDH + k0 + 2 * cq;
+                    const uint32_t b[2] = {u32(kb), u32(kb + 8)};
+                    mma16816(acc[nt], a, b);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < NK / 8; ++nt) {
+                float* s0 = Ss + (wr * 16 + gq) * L::LDS + wc * NK + nt * 8 + 2 * cq;
+                s0[0] = acc[nt][0];
+                s0[1] = acc[nt][1];
+                s0[8 * L::LDS] = acc[nt][2];
+                s0[8 * L::LDS + 1] = acc[nt][3];
+            }
+        }
+        __syncthreads();
+
+        // Online softmax: TPR consecutive threads per row, each over TILE / TPR keys.
+        {
+            constexpr int TPR = THREADS / ROWS, PER = TILE / TPR;
+            const int r = tid / TPR, part = tid % TPR;
+            const int t_row = min((r0 + r) / g, info.step - 1);  // padded rows repeat the last query
+            float mx = -MINIKV_INF;
+            float s[PER];
+#pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                const int k = part * PER + i;
+                const bool ok = k < n_valid && (causal_base < 0 || causal_base + k <= t_row);
+                s[i] = ok ? Ss[r * L::LDS + k] * scale : -MINIKV_INF;
+                mx = fmaxf(mx, s[i]);
+            }
+#pragma unroll
+            for (int o = TPR / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o, TPR));
+            const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                const float p = m_new == -MINIKV_INF ? 0.0f : __expf(s[i] - m_new);
+                Ps[r * L::LDP + part * PER + i] = __float2half(p);
+                sum += p;
+            }
+#pragma unroll
+            for (int o = TPR / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o, TPR);
+            __syncwarp();
+            if (part == 0) {
+                const float alpha = m_old == -MINIKV_INF ? 0.0f : __expf(m_old - m_new);
+                row_a[r] = alpha;
+                row_l[r] = row_l[r] * alpha + sum;
+                row_m[r] = m_new;
+            }
+        }
+        __syncthreads();
+
+        // O = O * alpha + P V, in registers: rows gq and gq + 8 of this warp's 16.
+        {
+            const float a0 = row_a[wr * 16 + gq], a1 = row_a[wr * 16 + gq + 8];
+#pragma unroll
+            for (int nt = 0; nt < ND / 8; ++nt) {
+                o[nt][0] *= a0;
+                o[nt][1] *= a0;
+                o[nt][2] *= a1;
+                o[nt][3] *= a1;
+            }
+#pragma unroll
+            for (int k0 = 0; k0 < TILE; k0 += 16) {
+                const __half* pa = Ps + (wr * 16 + gq) * L::LDP + k0 + 2 * cq;
+                const uint32_t a[4] = {u32(pa), u32(pa + 8 * L::LDP), u32(pa + 8), u32(pa + 8 * L::LDP + 8)};
+                const __half* vb = Vs + (k0 + 2 * cq) * L::LDH + wc * ND + gq;
+#pragma unroll
+                for (int nt = 0; nt < ND / 8; ++nt) {
+                    const __half* v = vb + nt * 8;  // B[k][n] = V[k0 + k][n]: two keys per register
+                    const uint32_t b[2] = {pack2(v[0], v[L::LDH]), pack2(v[8 * L::LDH], v[9 * L::LDH])};
+                    mma16816(o[nt], a, b);
+                }
+            }
+        }
+    }
+
+    // This split's unnormalised output and (max, sum) per row, for attend_reduce. The softmax
+    // state was last written before the final tile's P.V, behind a barrier.
+    const long long BHT = (long long)B * H * T;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int rl = wr * 16 + gq + 8 * half, r = r0 + rl;
+        if (r >= g * T) continue;
+        const long long row = ((long long)b * H + h * g + r % g) * T + r / g;
+        float* dst = o_part + (split * BHT + row) * D + wc * ND + 2 * cq;
+#pragma unroll
+        for (int nt = 0; nt < ND / 8; ++nt) {
+            dst[nt * 8] = o[nt][2 * half];
+            dst[nt * 8 + 1] = o[nt][2 * half + 1];
+        }
+        if (wc == 0 && cq == 0) {
+            ml_part[(split * BHT + row) * 2] = row_m[rl];
+            ml_part[(split * BHT + row) * 2 + 1] = row_l[rl];
+        }
+    }
+}
+
+// Merge the splits of each (b, h, t) row: out = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m).
+// out (B, T, H, D) fp16, so that the model's (B, T, H*D) view of it needs no copy.
+extern "C" __global__ void attend_reduce(const float* __restrict__ o_part, const float* __restrict__ ml_part,
+                                         __half* __restrict__ out, int n_split, int H, int T, int D,
+                                         long long BHT) {
+    const long long row = blockIdx.x;  // (b, h, t)
+    const int t = row % T, h = (row / T) % H, b = row / ((long long)T * H);
+    float m = -MINIKV_INF;
+    for (int s = 0; s < n_split; ++s) m = fmaxf(m, ml_part[(s * BHT + row) * 2]);
+    float l = 0.0f;
+    for (int s = 0; s < n_split; ++s) {
+        const float ms = ml_part[(s * BHT + row) * 2];
+        if (ms != -MINIKV_INF) l += ml_part[(s * BHT + row) * 2 + 1] * __expf(ms - m);
+    }
+    __half* dst = out + (((long long)b * T + t) * H + h) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < n_split; ++s) {
+            const float ms = ml_part[(s * BHT + row) * 2];
+            if (ms != -MINIKV_INF) acc += o_part[(s * BHT + row) * D + d] * __expf(ms - m);
+        }
+        dst[d] = __float2half_rn(l > 0.0f ? acc / l : 0.0f);
+    }
+}
+
+#ifdef MINIKV_INSTANTIATE_ALL  // the CI compile check builds every variant the wrappers can ask for
+#define INST(D, M, KB, VB, R) void* inst_##D##_##M##_##KB##_##VB##_##R = (void*)&attend<D, M, KB, VB, R>;
+#define INST_D(M, KB, VB) INST(64, M, KB, VB, 16) INST(64, M, KB, VB, 64) INST(128, M, KB, VB, 16) INST(128, M, KB, VB, 64)
+INST_D(DENSE, 16, 16)
+INST_D(KIVI, 2, 2) INST_D(KIVI, 3, 3) INST_D(KIVI, 4, 4) INST_D(KIVI, 8, 8) INST_D(KIVI, 16, 16) INST_D(KIVI, 2, 4)
+INST_D(NQKV_TOKEN, 2, 2) INST_D(NQKV_TOKEN, 3, 3) INST_D(NQKV_TOKEN, 4, 4)
+INST_D(NQKV_CHANNEL, 2, 2) INST_D(NQKV_CHANNEL, 3, 3) INST_D(NQKV_CHANNEL, 4, 4)
+INST_D(PATTERN, 2, 2) INST_D(PATTERN, 3, 3) INST_D(PATTERN, 4, 4)
+#endif

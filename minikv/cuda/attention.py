@@ -1,0 +1,125 @@
+"""The fused attention kernel (kernels_cu/attention.cu): one launch over every segment of a
+cache (sinks | quantized chunks | window | this step), split across thread blocks along the
+keys, then one launch merging the splits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .module import check, f32, i32, kernel
+
+TILE, THREADS = 64, 128
+METHODS = {"fp16": 0, "kivi": 1, "nqkv_token": 2, "nqkv_channel": 3, "patternkv": 4}
+
+
+def smem_bytes(D: int, rows: int) -> int:
+    """Shared memory of attend<D, ..., rows>: mirrors Smem<D, ROWS> in attention.cu."""
+    al = lambda x: (x + 127) // 128 * 128  # noqa: E731
+    ldh, lds, ldp = D + 8, TILE + 4, TILE + 8
+    return al(rows * ldh * 2) + 2 * al(TILE * ldh * 2) + al(rows * lds * 4) + al(rows * ldp * 2) + al(rows * 3 * 4)
+
+
+@dataclass
+class Storage:
+    """What the kernel reads of a method's packed chunks for one layer (None: unused)."""
+    method: str
+    kbits: int = 16
+    vbits: int = 16
+    kc: object = None
+    ks: object = None
+    km: object = None
+    vc: object = None
+    vs: object = None
+    vm: object = None
+    n_chunks_cap: int = 0
+    G: int = TILE
+    bs: int = 64
+    levels_k: object = None
+    levels_v: object = None
+    kidx: object = None
+    vidx: object = None
+    vmask: object = None
+    kpat: object = None
+    vpat: object = None
+    mmax: int = 0
+
+
+class FusedAttention:
+    def __init__(self, cp, head_dim: int):
+        if head_dim not in (64, 128):
+            raise ValueError(f"the fused attention kernel takes head_dim 64 or 128, not {head_dim}")
+        self.cp, self.D = cp, head_dim
+        dev = cp.cuda.Device()
+        self.sms = dev.attributes["MultiProcessorCount"]
+        self.smem_max = dev.attributes["MaxSharedMemoryPerBlockOptin"]
+        self._null_h = cp.zeros(8, np.float16)  # stand-in pointers for unused arguments
+        self._null_b = cp.zeros(8, np.uint8)
+        self._null_f = cp.zeros(16, np.float32)
+        self._kernels: dict = {}
+        self._reduce = kernel("attention", "attend_reduce")
+
+    def _kernel(self, method: str, kb: int, vb: int, rows: int):
+        key = (method, kb, vb, rows)
+        if key not in self._kernels:
+            k = kernel("attention", f"attend<{self.D}, {METHODS[method]}, {kb}, {vb}, {rows}>")
+            k.max_dynamic_shared_size_bytes = smem_bytes(self.D, rows)
+            self._kernels[key] = k
+        return self._kernels[key]
+
+    def __call__(self, q, rowinfo: np.ndarray, scale: float, sinks, window, step, storage: Storage,
+                 tiles: int):
+        """q (B, H, T, D) fp16 (any strides, last dim contiguous); rowinfo host int (B, 5):
+        sinks, chunks, window, step tokens, step offset per sequence; sinks/window: (k, v)
+        contiguous (B, Hkv, cap, D) fp16 or None; step: (k, v) (B, Hkv, T', D) fp16 views with
+        a contiguous last dim; tiles: the most key tiles any sequence has (sizes the split).
+        Returns (B, H, T, D), a view of a (B, T, H, D) buffer."""
+        cp, D = self.cp, self.D
+        B, H, T, _ = q.shape
+        sk, sv = step
+        Hkv = sk.shape[1]
+        for name, a in (("q", q), ("step k", sk), ("step v", sv)):
+            if a.dtype != np.float16 or a.strides[-1] != 2:
+                raise ValueError(f"fused attention: {name} must be fp16 with a contiguous last dim")
+        g = H // Hkv
+        rows = 16 if g * T <= 16 or smem_bytes(D, 64) > self.smem_max else 64
+        row_tiles = -(-g * T // rows)
+        blocks = B * Hkv * row_tiles
+        n_split = max(1, min(-(-4 * self.sms // blocks), -(-max(tiles, 1) // 4)))
+        ri = cp.asarray(np.ascontiguousarray(rowinfo, dtype=np.int32))
+        check("rowinfo", ri, np.int32, (B, 5))
+        sink_k, sink_v = sinks if sinks is not None else (self._null_h, self._null_h)
+        win_k, win_v = window if window is not None else (self._null_h, self._null_h)
+        for name, a in (("sink k", sink_k), ("sink v", sink_v), ("window k", win_k), ("window v", win_v)):
+            check(name, a, np.float16)
+        s = storage
+        nb, nh, nf = self._null_b, self._null_h, self._null_f
+        o_part = cp.empty((n_split, B, H, T, D), np.float32)
+        ml_part = cp.empty((n_split, B, H, T, 2), np.float32)
+        e = 2  # bytes per fp16 element: CuPy strides are in bytes
+        self._kernel(s.method, s.kbits, s.vbits, rows)(
+            (n_split, Hkv * row_tiles, B), (THREADS,),
+            (q, np.int64(q.strides[0] // e), np.int64(q.strides[1] // e), np.int64(q.strides[2] // e),
+             i32(H), i32(Hkv), i32(T), f32(scale), ri,
+             sink_k, sink_v, i32(sink_k.shape[2] if sinks is not None else 0),
+             win_k, win_v, i32(win_k.shape[2] if window is not None else 0),
+             sk, sv, np.int64(sk.strides[0] // e), np.int64(sk.strides[1] // e), np.int64(sk.strides[2] // e),
+             s.kc if s.kc is not None else nb, s.ks if s.ks is not None else nh, s.km if s.km is not None else nh,
+             s.vc if s.vc is not None else nb, s.vs if s.vs is not None else nh, s.vm if s.vm is not None else nh,
+             i32(s.n_chunks_cap), i32(s.G), i32(s.bs),
+             s.levels_k if s.levels_k is not None else nf, s.levels_v if s.levels_v is not None else nf,
+             s.kidx if s.kidx is not None else nb, s.vidx if s.vidx is not None else nb,
+             s.vmask if s.vmask is not None else nb, s.kpat if s.kpat is not None else nh,
+             s.vpat if s.vpat is not None else nh, i32(s.mmax), o_part, ml_part),
+            shared_mem=smem_bytes(D, rows))
+        out = cp.empty((B, T, H, D), np.float16)
+        self._reduce((B * H * T,), (min(D, 128),),
+                     (o_part, ml_part, out, i32(n_split), i32(H), i32(T), i32(D), np.int64(B * H * T)))
+        return out.transpose(0, 2, 1, 3)
+
+
+def tiles_per_row(sinks, chunks, window, step, G: int) -> int:
+    """Key tiles of the longest sequence (host ints or arrays)."""
+    t = (-(-np.asarray(sinks) // TILE) + np.asarray(chunks) * (G // TILE) + -(-np.asarray(window) // TILE)
+         + -(-np.asarray(step) // TILE))
+    return int(np.max(t))

@@ -1,0 +1,181 @@
+"""PatternKV's pattern mining and assignment as CUDA kernels (kernels_cu/patternkv.cu): the
+functions of minikv.kv.patterns with the same names, signatures and results, bit for bit on
+the same data (see the .cu for how). Inputs are C-contiguous CuPy float32 arrays; indices come
+back int64 like numpy's argmin, the V test as a bool mask.
+
+KMeans runs as: km_prep (|x|^2, column sums), km_limit (the convergence threshold), m + 1
+km_seed rounds (the farthest-point init), then per Lloyd iteration km_assign, km_sums and
+km_update; the per-set active flags are read back every few steps to stop early.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from ..kv.patterns import Z95
+from ..kv import patterns
+from .module import EXACT, check, f32, i32, kernel
+
+_MOD = "patternkv"
+_KM_DIMS = (64, 128)  # head dims the KMeans / nearest_l2 kernels are built for
+_MAX_M = 256          # centres per set (km_update's shared arrays; an index is one byte)
+_MAX_P = 65536        # points per set (km_limit's list of pairwise-sum runs)
+_TT = 16              # tokens per minmax_assign block (TT in the .cu)
+_CHECK = 4            # Lloyd steps between reads of the active flags
+
+
+def _k(name: str):
+    return kernel(_MOD, name, EXACT)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _sms() -> int:
+    import cupy
+
+    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+
+
+def _tile(N: int, P: int, unit: int) -> int:
+    """Points per block (a multiple of `unit`) for about two blocks per SM over N sets."""
+    want = _cdiv(N * P, 2 * _sms())
+    return min(_cdiv(P, unit) * unit, max(unit, _cdiv(want, unit) * unit))
+
+
+def _sets(what: str, a, D=None, rows16=False):
+    """(N, rows, D) of a float32 array; rows16: the kernel reads its rows as float4."""
+    check(what, a, np.float32)
+    if a.ndim != 3:
+        raise ValueError(f"{what}: expected (sets, rows, D), got shape {a.shape}")
+    if D is not None and a.shape[2] != D:
+        raise ValueError(f"{what}: expected D = {D}, got shape {a.shape}")
+    if rows16 and (a.shape[2] % 4 or a.data.ptr % 16):
+        raise ValueError(f"{what}: rows must be 16-byte aligned (D % 4 == 0, aligned start)")
+    return a.shape
+
+
+def _km_dim(what: str, D: int) -> None:
+    if D not in _KM_DIMS:
+        raise ValueError(f"{what}: head dim {D} not supported (the kernels are built for {_KM_DIMS})")
+
+
+def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
+    """Batched Lloyd KMeans (see minikv.kv.patterns.kmeans): x (N, P, D) float32 holding fp16
+    values -> centres (N, m, D) float32, m <= P. Shapes the kernels are not built for take the
+    array-op oracle (same results)."""
+    x = xp.ascontiguousarray(x)
+    if x.ndim != 3 or x.shape[2] not in _KM_DIMS or x.shape[1] > _MAX_P or m > _MAX_M:
+        return patterns.kmeans(xp, x, m, iters, tol)
+    N, P, D = _sets("kmeans x", x, rows16=True)
+    _km_dim("kmeans", D)
+    m = int(m)
+    if not 1 <= m <= min(P, _MAX_M):
+        raise ValueError(f"kmeans: need 1 <= m <= min(P, {_MAX_M}), got m={m} with P={P}")
+    if P > _MAX_P:
+        raise ValueError(f"kmeans: at most {_MAX_P} points per set, got {P}")
+    c = xp.empty((N, m, D), np.float64)
+    if N == 0:
+        return c.astype(np.float32)
+    x2 = xp.empty((N, P), np.float64)
+    colsum = xp.zeros((N, D), np.float64)
+    _k(f"km_prep<{D}>")((_cdiv(P, 256), N), (256,), (x, i32(P), x2, colsum))
+    limit = xp.empty(N, np.float64)
+    _k("km_limit")((N,), (256,), (x2, i32(P), np.float64(tol * tol), limit))
+
+    tp = _tile(N, P, 32)  # farthest-point init: m + 1 rounds, candidates ping-pong per round
+    B = _cdiv(P, tp)
+    cand_v, cand_i = xp.empty((2, N, B), np.float64), xp.empty((2, N, B), np.int32)
+    dmin = xp.empty((N, P), np.float64)
+    seed = _k(f"km_seed<{D}>")
+    for r in range(m + 1):
+        seed((B, N), (256,), (x, i32(P), i32(m), i32(r), i32(tp), x2, colsum, dmin, cand_v, cand_i, c))
+
+    a = xp.empty((N, P), np.int32)
+    far = xp.empty((N, P), np.float64)
+    sums, counts = xp.zeros((N, m, D), np.float64), xp.zeros((N, m), np.int32)
+    active = xp.ones(N, np.int32)
+    assign, accumulate, update = _k(f"km_assign<{D}, true>"), _k(f"km_sums<{D}>"), _k(f"km_update<{D}>")
+    ts = _tile(N, P, 64)
+    for it in range(iters):
+        assign((_cdiv(P, 128), N), (128,), (x, i32(P), c, i32(m), x2, active, a, far, far))
+        accumulate((_cdiv(P, ts), N), (D,), (x, i32(P), i32(m), i32(ts), a, active, sums, counts))
+        update((N,), (256,), (x, i32(P), i32(m), far, limit, c, sums, counts, active))
+        # Frozen sets are skipped by every kernel, so steps past the last freeze change nothing:
+        # read the flags back (a sync) only every few steps.
+        if it % _CHECK == _CHECK - 1 and not bool(active.any()):
+            break
+    return c.astype(np.float32)
+
+
+def nearest_l2(xp, x, c):
+    """Index of the L2-nearest centre: x (N, T, D), c (N, M, D) float32 -> (N, T) int64."""
+    x, c = xp.ascontiguousarray(x), xp.ascontiguousarray(c)
+    if x.ndim != 3 or x.shape[2] not in _KM_DIMS:
+        return patterns.nearest_l2(xp, x, c)
+    N, T, D = _sets("nearest_l2 x", x, rows16=True)
+    _km_dim("nearest_l2", D)
+    _, M, _ = _sets("nearest_l2 c", c, D)
+    if c.shape[0] != N or M < 1:
+        raise ValueError(f"nearest_l2: centres {c.shape} do not fit points {x.shape}")
+    out = xp.empty((N, T), np.int64)
+    if N and T:
+        _k(f"km_assign<{D}, false>")((_cdiv(T, 128), N), (128,), (x, i32(T), c, i32(M), out, out, out, out, out))
+    return out
+
+
+def minmax_assign(xp, x, c):
+    """Index of the pattern minimising the residual's range: x (N, T, D), c (N, M, D) float32
+    -> (N, T) int64."""
+    x, c = xp.ascontiguousarray(x), xp.ascontiguousarray(c)
+    if x.ndim != 3 or x.shape[2] % 4 or x.shape[2] > 512:
+        return patterns.minmax_assign(xp, x, c)
+    N, T, D = _sets("minmax_assign x", x, rows16=True)
+    _, M, _ = _sets("minmax_assign c", c, D, rows16=True)
+    if c.shape[0] != N or M < 1:
+        raise ValueError(f"minmax_assign: patterns {c.shape} do not fit tokens {x.shape}")
+    if D > 512:
+        raise ValueError(f"minmax_assign: D <= 512 (shared memory), got {D}")
+    out = xp.empty((N, T), np.int64)
+    if N and T:
+        threads = min(256, _cdiv(M, 32) * 32)
+        _k("minmax_assign")((_cdiv(T, _TT), N), (threads,), (x, c, i32(T), i32(M), i32(D), out),
+                            shared_mem=_TT * D * 4)
+    return out
+
+
+def chebyshev_centre(x):
+    """(max + min) / 2 per dim over each chunk: x (N, T, D) float32 -> (N, D) float32."""
+    import cupy
+
+    x = cupy.ascontiguousarray(x)
+    N, T, D = _sets("chebyshev_centre x", x)
+    if T < 1:
+        raise ValueError("chebyshev_centre: needs at least one token")
+    out = cupy.empty((N, D), np.float32)
+    if N * D:
+        _k("chebyshev_centre")((_cdiv(N * D, 256),), (256,), (x, i32(N), i32(T), i32(D), out))
+    return out
+
+
+def v_use_residual(xp, v, c):
+    """PatternKV's V test per token (see minikv.kv.patterns.v_use_residual): v, c (..., T, D)
+    float32 -> bool (..., T)."""
+    lead = v.shape[:-1]
+    v = xp.ascontiguousarray(v).reshape(-1, v.shape[-2], v.shape[-1])
+    c = xp.ascontiguousarray(c).reshape(v.shape)
+    return _v_use_residual(xp, v, c).reshape(lead)
+
+
+def _v_use_residual(xp, v, c):
+    N, T, D = _sets("v_use_residual v", v)
+    check("v_use_residual c", c, np.float32, v.shape)
+    k = np.float32(2.0 * Z95 / math.sqrt(5.0 * D))  # as the oracle computes it
+    out = xp.empty((N, T), dtype=bool)
+    if N * T:
+        _k("v_use_residual")((_cdiv(N * T, 8),), (256,), (v, c, np.int64(N * T), i32(D), f32(k), out))
+    return out

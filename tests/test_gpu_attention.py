@@ -1,0 +1,114 @@
+"""The fused attention kernel against float64 attention over what the cache holds (decoded
+from its packed storage by the NumPy oracle), for every method and many shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minikv.backend import get_backend
+from minikv.kv import make_cache
+from minikv.kv.base import KVGeometry
+
+pytestmark = pytest.mark.gpu
+
+SPECS = ["fp16", "kivi:2", "kivi:3,vbits=4", "kivi:8", "nqkv:2", "nqkv:4,kaxis=channel,bs=32", "patternkv:2",
+         "patternkv:3,sink=5,r=192", "patternkv:2,mmax=33,g=64,r=64"]
+
+
+def structured(rng, B, Hkv, T, D):
+    """fp16-valued keys/values like real ones: clusters, drift, outlier channels."""
+    centres = rng.normal(size=(B, Hkv, 8, D)) * 2
+    x = np.take_along_axis(centres, rng.integers(0, 8, size=(B, Hkv, T))[..., None], 2)
+    x = x + rng.normal(size=(B, Hkv, T, D)) * 0.5 + np.linspace(0, 1, T)[:, None] * rng.normal(size=D)
+    x[..., ::16] += 8.0
+    return x.astype(np.float16)
+
+
+def build(spec, B, H, Hkv, D, lengths, step, seed):
+    """A cache (reference attention, so `reconstruct` is exact) holding `lengths` tokens per
+    sequence, fed as a prefill then one decode step, then begun on a step of `step` tokens."""
+    import cupy as cp
+
+    be = get_backend("cuda")
+    rng = np.random.default_rng(seed)
+    geom = KVGeometry(2, H, Hkv, D, D ** -0.5)
+    cache = make_cache(spec, geom, B, max(lengths) + step + 8, be, attention="reference")
+    total = max(lengths) + step
+    K, V = structured(rng, B, Hkv, total, D), structured(rng, B, Hkv, total, D)[..., ::-1].copy()
+    for n in ([min(l, 300) for l in lengths], [l - min(l, 300) for l in lengths]):
+        T = max(max(n), 1)
+        cache.begin_step(n)
+        for L in range(2):
+            ks = np.zeros((B, Hkv, T, D), np.float16)
+            vs = np.zeros_like(ks)
+            for b in range(B):
+                lo = int(cache.lengths[b])
+                ks[b, :, :n[b]], vs[b, :, :n[b]] = K[b, :, lo:lo + n[b]], V[b, :, lo:lo + n[b]]
+            cache.update(L, cp.asarray(ks), cp.asarray(vs))
+            cache.commit(L)
+        cache.end_step()
+    # the step under test: its keys/values as a strided view, as the model passes them
+    qkv = np.zeros((B, step, (H + 2 * Hkv) * D), np.float16)
+    qkv[..., :H * D] = rng.normal(size=(B, step, H * D))
+    for b in range(B):
+        lo = int(cache.lengths[b])
+        qkv[b, :, H * D:(H + Hkv) * D] = K[b, :, lo:lo + step].transpose(1, 0, 2).reshape(step, -1)
+        qkv[b, :, (H + Hkv) * D:] = V[b, :, lo:lo + step].transpose(1, 0, 2).reshape(step, -1)
+    qkv = cp.asarray(qkv)
+    q = qkv[..., :H * D].reshape(B, step, H, D).transpose(0, 2, 1, 3)
+    k = qkv[..., H * D:(H + Hkv) * D].reshape(B, step, Hkv, D).transpose(0, 2, 1, 3)
+    v = qkv[..., (H + Hkv) * D:].reshape(B, step, Hkv, D).transpose(0, 2, 1, 3)
+    cache.begin_step([step] * B)
+    cache.update(0, k, v)
+    return cache, q, k, v
+
+
+def exact(cache, q, k, v):
+    """float64 causal attention over the cache's decoded history and the step's keys."""
+    B, H, T, D = q.shape
+    Hkv, g = k.shape[1], H // k.shape[1]
+    if hasattr(cache, "reconstruct"):
+        hk, hv = (x.get().astype(np.float64) for x in cache.reconstruct(0))
+    else:
+        n = int(cache.lengths.max())
+        hk, hv = (x[0][:, :, :n].get().astype(np.float64) for x in (cache.k, cache.v))
+    out = np.zeros((B, H, T, D))
+    for b in range(B):
+        n = int(cache.lengths[b])
+        kk = np.concatenate([hk[b, :, :n], k[b].get().astype(np.float64)], axis=1)
+        vv = np.concatenate([hv[b, :, :n], v[b].get().astype(np.float64)], axis=1)
+        for h in range(H):
+            s = q[b, h].get().astype(np.float64) @ kk[h // g].T * cache.geom.scale  # (T, n + T)
+            s[np.triu(np.ones((T, n + T), bool), n + 1)] = -np.inf
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, h] = (p / p.sum(-1, keepdims=True)) @ vv[h // g]
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("D,H,Hkv", [(128, 32, 8), (64, 9, 3), (128, 7, 1), (64, 8, 8)])
+@pytest.mark.parametrize("step", [1, 5, 100])
+def test_fused_attention_matches_exact(spec, D, H, Hkv, step):
+    from minikv.cuda.attention import FusedAttention
+
+    B = 1 if step == 100 else 3
+    lengths = [700, 413, 1][:B] if step != 100 else [517]
+    cache, q, k, v = build(spec, B, H, Hkv, D, lengths, step, seed=D + H + step)
+    cache.fused = FusedAttention(get_backend("cuda").xp, D)
+    attend = getattr(cache, "_attend", cache.attend)  # the quantized caches' attention without the commit
+    got = attend(0, q).get().astype(np.float64)
+    want = exact(cache, q, k, v)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{spec} D={D} H={H}/{Hkv} step={step}: rel err {err:.1e}")
+    assert np.isfinite(got).all() and err < 4e-3  # fp16 tiles and probabilities, fp32 accumulation
+
+
+def test_fused_attention_long_context_many_splits():
+    """32K keys in one sequence, split over many blocks, and the reduction of the splits."""
+    from minikv.cuda.attention import FusedAttention
+
+    cache, q, k, v = build("kivi:2", 1, 32, 8, 128, [20000], 1, seed=7)
+    cache.fused = FusedAttention(get_backend("cuda").xp, 128)
+    got = cache._attend(0, q).get().astype(np.float64)
+    want = exact(cache, q, k, v)
+    assert np.abs(got - want).max() / np.abs(want).max() < 4e-3
