@@ -50,7 +50,8 @@ struct Smem {  // offsets (bytes) of the shared-memory regions, each 128-byte al
     static constexpr int S = V + al(TILE * LDH * 2);
     static constexpr int P = S + al(ROWS * LDS * 4);
     static constexpr int M = P + al(ROWS * LDP * 2);  // running max, sum, rescale per row
-    static constexpr int BYTES = M + al(ROWS * 3 * 4);
+    static constexpr int C = M + al(ROWS * 3 * 4);    // chunk's K scale and min (float32), NF levels
+    static constexpr int BYTES = C + al((2 * D + 32) * 4);
 };
 
 template <int D, int METHOD, int KB, int VB, int ROWS>
@@ -76,6 +77,10 @@ __global__ void __launch_bounds__(THREADS) attend(
     float* row_m = reinterpret_cast<float*>(smem + L::M);
     float* row_l = row_m + ROWS;
     float* row_a = row_l + ROWS;
+    float* k_scale = reinterpret_cast<float*>(smem + L::C);  // (D,) this chunk's K scales, then mins
+    float* k_min = k_scale + D;
+    float* lv_k = k_min + D;  // NF levels of K and V (16 each)
+    float* lv_v = lv_k + 16;
 
     const int b = blockIdx.z, B = gridDim.z, g = H / Hkv;
     const int row_tiles = (g * T + ROWS - 1) / ROWS;
@@ -99,6 +104,10 @@ __global__ void __launch_bounds__(THREADS) attend(
         Qs[(i / D) * L::LDH + d] = v;
     }
     for (int r = tid; r < ROWS; r += THREADS) { row_m[r] = -MINIKV_INF; row_l[r] = 0.0f; }
+    if constexpr (METHOD == NQKV_TOKEN || METHOD == NQKV_CHANNEL) {
+        if (tid < (1 << KB)) lv_k[tid] = levels_k[tid];
+        if (tid < (1 << VB)) lv_v[tid] = levels_v[tid];
+    }
     const int last_row = min(r0 + ROWS, g * T) - 1;
     const int step_seen = min(info.step, last_row / g + 1);  // step keys any row of the tile sees
 
@@ -124,12 +133,17 @@ __global__ void __launch_bounds__(THREADS) attend(
             n_valid = TILE;
             if constexpr (METHOD == KIVI || METHOD == PATTERN) {
                 const bool pat = METHOD == PATTERN;
-                minikv::stage_uniform<D, KB, false>(Ks, L::LDH, kc + tok * (D * KB / 8), ks + (bh * n_chunks_cap + c) * D,
-                                                    km + (bh * n_chunks_cap + c) * D, TILE,
-                                                    pat ? kpat + bh * mmax * D : nullptr, pat ? kidx + tok : nullptr,
-                                                    nullptr, 0);
+                for (int d = tid; d < D; d += THREADS) {  // the chunk's per-channel K scale and min
+                    k_scale[d] = __half2float(ks[(bh * n_chunks_cap + c) * D + d]);
+                    k_min[d] = __half2float(km[(bh * n_chunks_cap + c) * D + d]);
+                }
+                __syncthreads();
+                minikv::stage_uniform<D, KB, false>(Ks, L::LDH, kc + tok * (D * KB / 8), k_scale, k_min, nullptr,
+                                                    nullptr, TILE, pat ? kpat + bh * mmax * D : nullptr,
+                                                    pat ? kidx + tok : nullptr, nullptr, 0);
                 constexpr int VG = D < 128 ? 1 : D / 128;
-                minikv::stage_uniform<D, VB, true>(Vs, L::LDH, vc + tok * (D * VB / 8), vs + tok * VG, vm + tok * VG, TILE,
+                minikv::stage_uniform<D, VB, true>(Vs, L::LDH, vc + tok * (D * VB / 8), nullptr, nullptr,
+                                                   vs + tok * VG, vm + tok * VG, TILE,
                                                    pat ? vpat + bh * mmax * D : nullptr, pat ? vidx + tok : nullptr,
                                                    pat ? vmask + bh * n_chunks_cap * G / 8 : nullptr,
                                                    (int)(tok - bh * n_chunks_cap * G));
@@ -137,13 +151,13 @@ __global__ void __launch_bounds__(THREADS) attend(
                 const int bsd = bs < D ? bs : D;  // token-axis blocks never exceed head_dim
                 if constexpr (METHOD == NQKV_CHANNEL) {
                     const __half* a = ks + ((bh * n_chunks_cap + c) * (G / bs) + t0 / bs) * D;
-                    minikv::stage_nf<D, KB, true>(Ks, L::LDH, kc + tok * (D * KB / 8), a, bs, t0 % bs, levels_k, TILE);
+                    minikv::stage_nf<D, KB, true>(Ks, L::LDH, kc + tok * (D * KB / 8), a, bs, t0 % bs, lv_k, TILE);
                 } else {
                     minikv::stage_nf<D, KB, false>(Ks, L::LDH, kc + tok * (D * KB / 8), ks + tok * (D / bsd), bsd, 0,
-                                                   levels_k, TILE);
+                                                   lv_k, TILE);
                 }
                 minikv::stage_nf<D, VB, false>(Vs, L::LDH, vc + tok * (D * VB / 8), vs + tok * (D / bsd), bsd, 0,
-                                               levels_v, TILE);
+                                               lv_v, TILE);
             }
         } else if (tile < t_sink + t_chunk + t_win) {
             const int k0 = (tile - t_sink - t_chunk) * TILE;

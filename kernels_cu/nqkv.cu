@@ -6,21 +6,15 @@
 // max is exact in any order; fp32 -> fp16 is __float2half_rn. The levels and midpoints
 // (float32, from packing.nf_levels / nf_midpoints) come in as arguments: mids (2^B - 1),
 // levels (2^B). Vector loads and stores need 16-byte aligned arrays and D % 8 == 0.
-#include <cuda_fp16.h>
+#include "quant.cuh"
 
 namespace nqkv {
 
-// packing.f16_round: fp16 round-to-nearest, then one fp16 step towards `dir` (+1 up, -1 down)
-// where the rounding went the wrong way (on the uint16 bits; +-0 steps to 0x0001 / 0x8001).
-__device__ __forceinline__ __half f16_round(float x, int dir) {
-    const __half h = __float2half_rn(x);
-    const float hf = __half2float(h);
-    const bool wrong = dir > 0 ? hf < x : hf > x;
-    const int bits = __half_as_ushort(h);
-    int stepped = bits + (bits >= 0x8000 ? -dir : dir);
-    if ((bits & 0x7FFF) == 0) stepped = dir > 0 ? 0x0001 : 0x8001;
-    return __ushort_as_half((unsigned short)(wrong ? stepped : bits));
-}
+using minikv::quant::f16_round;
+using minikv::quant::load8;
+using minikv::quant::pack8;
+using minikv::quant::store8;
+
 
 // packing.nf_codes + nf_dequant of one value against float32 absmax a (tables in shared memory).
 template <int B>
@@ -40,31 +34,6 @@ __device__ __forceinline__ void load_tables(const float* mids, const float* leve
     for (int i = threadIdx.x; i < (1 << B); i += blockDim.x) {
         if (i < (1 << B) - 1) t[i] = mids[i];
         t[16 + i] = levels[i];
-    }
-}
-
-__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-
-__device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
-    reinterpret_cast<float4*>(p)[0] = float4{v[0], v[1], v[2], v[3]};
-    reinterpret_cast<float4*>(p)[1] = float4{v[4], v[5], v[6], v[7]};
-}
-
-// packing.pack of 8 consecutive codes of a row (B = 2, 3, 4): B bytes of a little-endian stream.
-template <int B>
-__device__ __forceinline__ void pack8(const unsigned (&c)[8], unsigned char* dst) {
-    unsigned w = 0;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) w |= c[k] << (B * k);
-    if constexpr (B == 2) {
-        *reinterpret_cast<unsigned short*>(dst) = (unsigned short)w;
-    } else if constexpr (B == 3) {
-        dst[0] = (unsigned char)w; dst[1] = (unsigned char)(w >> 8); dst[2] = (unsigned char)(w >> 16);
-    } else {
-        *reinterpret_cast<unsigned*>(dst) = w;
     }
 }
 

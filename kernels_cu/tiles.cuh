@@ -12,15 +12,6 @@ namespace minikv {
 
 constexpr int TILE = 64;  // keys per tile; a quantized chunk of G tokens is G / TILE tiles
 
-// Code j of a packed row, read from 32-bit words (rows are 4-byte aligned).
-template <int BITS>
-__device__ __forceinline__ uint32_t code_at(const uint32_t* row, int j) {
-    const int bit = j * BITS, w = bit >> 5, s = bit & 31;
-    uint32_t v = row[w] >> s;
-    if (s + BITS > 32) v |= row[w + 1] << (32 - s);
-    return v & ((1u << BITS) - 1u);
-}
-
 __device__ __forceinline__ float dq_uniform(uint32_t code, float scale, float mn) {
     return __fadd_rn(__fmul_rn((float)code, scale), mn);  // codes * scale + min, as the oracle
 }
@@ -41,56 +32,114 @@ __device__ __forceinline__ void stage_fp16(__half* dst, int ld, const __half* sr
     }
 }
 
-// Uniform codes (kivi; patternkv residuals). K: per-channel scale/min of the chunk (sc, mn:
-// (D,) fp16). V: per-token scale/min, one group per min(D, 128) channels (sc, mn: (TILE, D/g)).
-// patterns (M, D) with idx (TILE,): patternkv adds each token's pattern after dequantizing;
-// for V only where its mask bit (bit mask_bit0 + t of `mask`) is set. null: no patterns.
+// Both quantized decoders below give each thread half a token row (D/2 channels) and work in
+// groups of 8 channels: the group's packed codes come out of the row's words (kept in
+// registers, extracted with compile-time shifts), the 8 results go to shared memory as one
+// 16-byte store.
+template <int D, int BITS>
+struct HalfRow {
+    static constexpr int WORDS = D / 2 * BITS / 32;  // 32-bit words of codes per half row
+    uint32_t w[WORDS];
+    __device__ __forceinline__ void load(const uint8_t* codes, int t, int half) {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(codes) + t * 2 * WORDS + half * WORDS;
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) w[i] = src[i];
+    }
+    __device__ __forceinline__ uint32_t code(int j) const {  // j: channel within the half row
+        const int bit = j * BITS, k = bit >> 5, s = bit & 31;
+        uint32_t v = w[k] >> s;
+        if (s + BITS > 32) v |= w[k + 1] << (32 - s);
+        return v & ((1u << BITS) - 1u);
+    }
+};
+
+__device__ __forceinline__ void store8(__half* out, const float* v) {
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __halves2half2(__float2half_rn(v[2 * i]), __float2half_rn(v[2 * i + 1]));
+    *reinterpret_cast<uint4*>(out) = u;
+}
+
+__device__ __forceinline__ void zero_row(__half* out, int n_halves) {
+    for (int i = 0; i < n_halves / 8; ++i) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
+}
+
+// Uniform codes (kivi; patternkv residuals): x = code * scale + min. K: per-channel scale/min of
+// the chunk, staged by the caller as float32 in shared memory (ssc, smn: (D,)). V: per-token
+// scale/min in global memory, one group per min(D, 128) channels (sc, mn: (TILE, D/g) fp16).
+// patterns (M, D) with idx (TILE,): patternkv adds each token's pattern after dequantizing; for
+// V only where its mask bit (bit mask_bit0 + t of `mask`) is set. null: no patterns.
 template <int D, int BITS, bool PER_TOKEN>
-__device__ __forceinline__ void stage_uniform(__half* dst, int ld, const uint8_t* codes, const __half* sc,
-                                              const __half* mn, int n, const __half* patterns,
-                                              const uint8_t* idx, const uint8_t* mask, int mask_bit0) {
-    constexpr int ROW_WORDS = D * BITS / 32, GROUP = D < 128 ? D : 128;
+__device__ __forceinline__ void stage_uniform(__half* dst, int ld, const uint8_t* codes, const float* ssc,
+                                              const float* smn, const __half* sc, const __half* mn, int n,
+                                              const __half* patterns, const uint8_t* idx, const uint8_t* mask,
+                                              int mask_bit0) {
+    constexpr int GROUP = D < 128 ? D : 128;
     const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
     __half* out = dst + t * ld + half * (D / 2);
     if (t >= n) {
-        for (int i = 0; i < D / 2; ++i) out[i] = __float2half(0.0f);
+        zero_row(out, D / 2);
         return;
     }
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(codes) + t * ROW_WORDS;
-    const __half* p = nullptr;
+    HalfRow<D, BITS> row;
+    row.load(codes, t, half);
+    const uint4* p = nullptr;
     if (patterns) {
         const int bit = mask_bit0 + t;
-        if (!mask || ((mask[bit >> 3] >> (bit & 7)) & 1)) p = patterns + (size_t)idx[t] * D;
+        if (!mask || ((mask[bit >> 3] >> (bit & 7)) & 1))
+            p = reinterpret_cast<const uint4*>(patterns + (size_t)idx[t] * D + half * (D / 2));
     }
-#pragma unroll 8
-    for (int i = 0; i < D / 2; ++i) {
-        const int d = half * (D / 2) + i;
-        const int k = PER_TOKEN ? t * (D / GROUP) + d / GROUP : d;
-        float x = dq_uniform(code_at<BITS>(row, d), __half2float(sc[k]), __half2float(mn[k]));
-        if (p) x = __fadd_rn(__half2float(p[d]), x);  // pattern + residual, as the oracle adds them
-        out[i] = __float2half_rn(x);
+#pragma unroll
+    for (int g8 = 0; g8 < D / 16; ++g8) {
+        float v[8];
+        uint4 pu;
+        if (p) pu = p[g8];
+        const __half* ph = reinterpret_cast<const __half*>(&pu);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int j = g8 * 8 + i, d = half * (D / 2) + j;
+            float s, m;
+            if (PER_TOKEN) {
+                const int k = t * (D / GROUP) + d / GROUP;
+                s = __half2float(sc[k]);
+                m = __half2float(mn[k]);
+            } else {
+                s = ssc[d];
+                m = smn[d];
+            }
+            v[i] = dq_uniform(row.code(j), s, m);
+            if (p) v[i] = __fadd_rn(__half2float(ph[i]), v[i]);  // pattern + residual, as the oracle adds them
+        }
+        store8(out + g8 * 8, v);
     }
 }
 
 // Normal-quantile codes (nqkv): x = level[code] * absmax of its block. Token-axis blocks:
-// absmax (TILE, D/bs); channel-axis blocks (K only): absmax rows of bs tokens, (., D), from
-// the block holding the tile's first token, which sits `off` tokens into it.
+// absmax (TILE, D/bs) in global memory; channel-axis blocks (K only): absmax rows of bs tokens,
+// (., D), from the block holding the tile's first token, which sits `off` tokens into it.
+// levels: the 2^BITS levels, staged in shared memory by the caller.
 template <int D, int BITS, bool CHANNEL>
 __device__ __forceinline__ void stage_nf(__half* dst, int ld, const uint8_t* codes, const __half* absmax, int bs,
                                          int off, const float* levels, int n) {
-    constexpr int ROW_WORDS = D * BITS / 32;
     const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
     __half* out = dst + t * ld + half * (D / 2);
     if (t >= n) {
-        for (int i = 0; i < D / 2; ++i) out[i] = __float2half(0.0f);
+        zero_row(out, D / 2);
         return;
     }
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(codes) + t * ROW_WORDS;
-#pragma unroll 8
-    for (int i = 0; i < D / 2; ++i) {
-        const int d = half * (D / 2) + i;
-        const float a = __half2float(CHANNEL ? absmax[((t + off) / bs) * D + d] : absmax[t * (D / bs) + d / bs]);
-        out[i] = __float2half_rn(__fmul_rn(levels[code_at<BITS>(row, d)], a));
+    HalfRow<D, BITS> row;
+    row.load(codes, t, half);
+#pragma unroll
+    for (int g8 = 0; g8 < D / 16; ++g8) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int j = g8 * 8 + i, d = half * (D / 2) + j;
+            const float a = __half2float(CHANNEL ? absmax[((t + off) / bs) * D + d] : absmax[t * (D / bs) + d / bs]);
+            v[i] = __fmul_rn(levels[row.code(j)], a);
+        }
+        store8(out + g8 * 8, v);
     }
 }
 

@@ -17,7 +17,8 @@ def smem_bytes(D: int, rows: int) -> int:
     """Shared memory of attend<D, ..., rows>: mirrors Smem<D, ROWS> in attention.cu."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
     ldh, lds, ldp = D + 8, TILE + 4, TILE + 8
-    return al(rows * ldh * 2) + 2 * al(TILE * ldh * 2) + al(rows * lds * 4) + al(rows * ldp * 2) + al(rows * 3 * 4)
+    return (al(rows * ldh * 2) + 2 * al(TILE * ldh * 2) + al(rows * lds * 4) + al(rows * ldp * 2) + al(rows * 3 * 4)
+            + al((2 * D + 32) * 4))
 
 
 @dataclass
