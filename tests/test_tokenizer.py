@@ -112,3 +112,27 @@ def test_stop_strings_hold_back_and_cut():
     assert "".join(out) == "Hello " and hit
     s = StopStrings(["<END>"])
     assert s.feed("a <E") == ("a ", False) and s.feed("x") == ("<Ex", False)
+
+
+def test_sentencepiece_tokenizer_model(tmp_path):
+    """A directory with tokenizer.model (no tokenizer.json) goes through sentencepiece, with
+    BOS added by default as Llama's sentencepiece tokenizers do."""
+    import sentencepiece as spm
+
+    from conftest import TEXT
+
+    text = (TEXT / "tinystories_valid_fragment.txt").read_text(encoding="utf-8")[:20000]
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2,
+                                   unk_id=0, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    s = "Once upon a time, Lily saw a café 🐶."
+    assert tok.encode(s) == [1] + ref.encode(s)
+    assert tok.decode(tok.encode(s)) == s
+    assert tok.eos_ids == {2}
+    stream = TextStream(tok, tok.encode("Once"))
+    ids = tok.encode(" upon a café 🐶", add_special_tokens=False)
+    assert "".join(stream.push(i) for i in ids) == tok.decode(tok.encode("Once") + ids)[len("Once"):]
