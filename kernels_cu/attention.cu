@@ -39,6 +39,45 @@ struct Row { int sinks, chunks, window, step, step_off; };
 
 constexpr int THREADS = 128;
 
+// One chunk tile's share of this thread (half a token row), loaded a tile ahead into registers
+// as raw bits: nothing waits on these loads until the tile is decoded, so they overlap the
+// previous tile's scores, softmax and P.V.
+template <int D, int METHOD, int KB, int VB>
+struct ChunkTile {
+    minikv::HalfRow<D, KB> k;
+    minikv::HalfRow<D, VB> v;
+    __half v_scale, v_min, k_scale, k_min;  // this token's V scale/min; channel tid's chunk K scale/min
+    uint8_t k_pat, v_pat, v_mask;           // patternkv: pattern indices, the token's V mask byte
+    int c, t0;                              // chunk and first token in it
+    long long tok;                          // token slot of the tile's first key
+
+    __device__ __forceinline__ void load(int ct, int per_chunk, int G, long long bh, int n_chunks_cap,
+                                         const uint8_t* kc, const __half* ks, const __half* km, const uint8_t* vc,
+                                         const __half* vs, const __half* vm, const uint8_t* kidx,
+                                         const uint8_t* vidx, const uint8_t* vmask) {
+        const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
+        c = ct / per_chunk;
+        t0 = (ct % per_chunk) * TILE;
+        tok = (bh * n_chunks_cap + c) * G + t0;
+        k.load(kc + tok * (D * KB / 8), t, half);
+        v.load(vc + tok * (D * VB / 8), t, half);
+        if constexpr (METHOD == KIVI || METHOD == PATTERN) {
+            v_scale = vs[tok + t];
+            v_min = vm[tok + t];
+            if (threadIdx.x < D) {
+                k_scale = ks[(bh * n_chunks_cap + c) * D + threadIdx.x];
+                k_min = km[(bh * n_chunks_cap + c) * D + threadIdx.x];
+            }
+        }
+        if constexpr (METHOD == PATTERN) {
+            k_pat = kidx[tok + t];
+            v_pat = vidx[tok + t];
+            const long long bit = tok - bh * n_chunks_cap * G + t;  // within the sequence's mask row
+            v_mask = vmask[bh * n_chunks_cap * G / 8 + (bit >> 3)];
+        }
+    }
+};
+
 template <int D, int ROWS>
 struct Smem {  // offsets (bytes) of the shared-memory regions, each 128-byte aligned
     // Rows padded by 8 halves: a warp's fragment loads then hit 32 different banks.
@@ -118,6 +157,15 @@ __global__ void __launch_bounds__(THREADS) attend(
     const int per = (total + n_split - 1) / n_split;
     const int lo = split * per, hi = min(total, lo + per);
 
+    ChunkTile<D, METHOD, KB, VB> next;  // the next chunk tile, in flight
+    const auto prefetch = [&](int tile) {
+        if constexpr (METHOD != DENSE) {
+            if (tile < hi && tile >= t_sink && tile < t_sink + t_chunk)
+                next.load(tile - t_sink, per_chunk, G, bh, n_chunks_cap, kc, ks, km, vc, vs, vm, kidx, vidx, vmask);
+        }
+    };
+    prefetch(lo);
+
     for (int tile = lo; tile < hi; ++tile) {
         int n_valid, causal_base = -1;  // causal_base >= 0: step keys, index of the tile's first
         __syncthreads();  // previous tile's K/V/P are no longer read
@@ -127,37 +175,39 @@ __global__ void __launch_bounds__(THREADS) attend(
             const long long off = (bh * sink_cap + k0) * D;
             minikv::stage_fp16<D>(Ks, L::LDH, sink_k + off, D, n_valid);
             minikv::stage_fp16<D>(Vs, L::LDH, sink_v + off, D, n_valid);
+            prefetch(tile + 1);
         } else if (tile < t_sink + t_chunk) {
-            const int ct = tile - t_sink, c = ct / per_chunk, t0 = (ct % per_chunk) * TILE;
-            const long long tok = (bh * n_chunks_cap + c) * G + t0;  // token slot of the tile's first key
             n_valid = TILE;
-            if constexpr (METHOD == KIVI || METHOD == PATTERN) {
-                const bool pat = METHOD == PATTERN;
-                for (int d = tid; d < D; d += THREADS) {  // the chunk's per-channel K scale and min
-                    k_scale[d] = __half2float(ks[(bh * n_chunks_cap + c) * D + d]);
-                    k_min[d] = __half2float(km[(bh * n_chunks_cap + c) * D + d]);
-                }
-                __syncthreads();
-                minikv::stage_uniform<D, KB, false>(Ks, L::LDH, kc + tok * (D * KB / 8), k_scale, k_min, nullptr,
-                                                    nullptr, TILE, pat ? kpat + bh * mmax * D : nullptr,
-                                                    pat ? kidx + tok : nullptr, nullptr, 0);
-                constexpr int VG = D < 128 ? 1 : D / 128;
-                minikv::stage_uniform<D, VB, true>(Vs, L::LDH, vc + tok * (D * VB / 8), nullptr, nullptr,
-                                                   vs + tok * VG, vm + tok * VG, TILE,
-                                                   pat ? vpat + bh * mmax * D : nullptr, pat ? vidx + tok : nullptr,
-                                                   pat ? vmask + bh * n_chunks_cap * G / 8 : nullptr,
-                                                   (int)(tok - bh * n_chunks_cap * G));
-            } else if constexpr (METHOD == NQKV_TOKEN || METHOD == NQKV_CHANNEL) {
-                const int bsd = bs < D ? bs : D;  // token-axis blocks never exceed head_dim
-                if constexpr (METHOD == NQKV_CHANNEL) {
-                    const __half* a = ks + ((bh * n_chunks_cap + c) * (G / bs) + t0 / bs) * D;
-                    minikv::stage_nf<D, KB, true>(Ks, L::LDH, kc + tok * (D * KB / 8), a, bs, t0 % bs, lv_k, TILE);
+            if constexpr (METHOD != DENSE) {
+                const ChunkTile<D, METHOD, KB, VB> cur = next;
+                prefetch(tile + 1);  // issued before this tile's decode and compute
+                const int t = tid >> 1, half = tid & 1;
+                if constexpr (METHOD == KIVI || METHOD == PATTERN) {
+                    if (tid < D) {
+                        k_scale[tid] = __half2float(cur.k_scale);
+                        k_min[tid] = __half2float(cur.k_min);
+                    }
+                    __syncthreads();
+                    const __half* kp = nullptr;
+                    const __half* vp = nullptr;
+                    if constexpr (METHOD == PATTERN) {
+                        kp = kpat + (bh * mmax + cur.k_pat) * D + half * (D / 2);
+                        const int bit = (int)(cur.tok - bh * n_chunks_cap * G + t);
+                        if ((cur.v_mask >> (bit & 7)) & 1) vp = vpat + (bh * mmax + cur.v_pat) * D + half * (D / 2);
+                    }
+                    minikv::decode_uniform<D, KB, false>(Ks, L::LDH, cur.k, k_scale, k_min, 0.0f, 0.0f, kp);
+                    minikv::decode_uniform<D, VB, true>(Vs, L::LDH, cur.v, nullptr, nullptr,
+                                                        __half2float(cur.v_scale), __half2float(cur.v_min), vp);
                 } else {
-                    minikv::stage_nf<D, KB, false>(Ks, L::LDH, kc + tok * (D * KB / 8), ks + tok * (D / bsd), bsd, 0,
-                                                   lv_k, TILE);
+                    const int bsd = bs < D ? bs : D;  // token-axis blocks never exceed head_dim
+                    if constexpr (METHOD == NQKV_CHANNEL) {
+                        const __half* a = ks + ((bh * n_chunks_cap + cur.c) * (G / bs) + cur.t0 / bs) * D;
+                        minikv::decode_nf<D, KB, true>(Ks, L::LDH, cur.k, a, bs, cur.t0 % bs, lv_k);
+                    } else {
+                        minikv::decode_nf<D, KB, false>(Ks, L::LDH, cur.k, ks + cur.tok * (D / bsd), bsd, 0, lv_k);
+                    }
+                    minikv::decode_nf<D, VB, false>(Vs, L::LDH, cur.v, vs + cur.tok * (D / bsd), bsd, 0, lv_v);
                 }
-                minikv::stage_nf<D, VB, false>(Vs, L::LDH, vc + tok * (D * VB / 8), vs + tok * (D / bsd), bsd, 0,
-                                               lv_v, TILE);
             }
         } else if (tile < t_sink + t_chunk + t_win) {
             const int k0 = (tile - t_sink - t_chunk) * TILE;
@@ -165,6 +215,7 @@ __global__ void __launch_bounds__(THREADS) attend(
             const long long off = (bh * win_cap + k0) * D;
             minikv::stage_fp16<D>(Ks, L::LDH, win_k + off, D, n_valid);
             minikv::stage_fp16<D>(Vs, L::LDH, win_v + off, D, n_valid);
+            prefetch(tile + 1);
         } else {
             const int k0 = (tile - t_sink - t_chunk - t_win) * TILE;
             n_valid = min(TILE, step_seen - k0);

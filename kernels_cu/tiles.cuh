@@ -33,9 +33,9 @@ __device__ __forceinline__ void stage_fp16(__half* dst, int ld, const __half* sr
 }
 
 // Both quantized decoders below give each thread half a token row (D/2 channels) and work in
-// groups of 8 channels: the group's packed codes come out of the row's words (kept in
-// registers, extracted with compile-time shifts), the 8 results go to shared memory as one
-// 16-byte store.
+// groups of 8 channels: the group's packed codes come out of the row's words (loaded into
+// registers a tile ahead by the caller, extracted with compile-time shifts), the 8 results
+// go to shared memory as one 16-byte store. Chunk tiles are always full (TILE tokens).
 template <int D, int BITS>
 struct HalfRow {
     static constexpr int WORDS = D / 2 * BITS / 32;  // 32-bit words of codes per half row
@@ -61,35 +61,17 @@ __device__ __forceinline__ void store8(__half* out, const float* v) {
     *reinterpret_cast<uint4*>(out) = u;
 }
 
-__device__ __forceinline__ void zero_row(__half* out, int n_halves) {
-    for (int i = 0; i < n_halves / 8; ++i) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
-}
-
-// Uniform codes (kivi; patternkv residuals): x = code * scale + min. K: per-channel scale/min of
-// the chunk, staged by the caller as float32 in shared memory (ssc, smn: (D,)). V: per-token
-// scale/min in global memory, one group per min(D, 128) channels (sc, mn: (TILE, D/g) fp16).
-// patterns (M, D) with idx (TILE,): patternkv adds each token's pattern after dequantizing; for
-// V only where its mask bit (bit mask_bit0 + t of `mask`) is set. null: no patterns.
+// Uniform codes (kivi; patternkv residuals): x = code * scale + min, for the half row `row` of
+// codes already in registers. K: per-channel scale/min of the chunk, staged by the caller as
+// float32 in shared memory (ssc, smn: (D,)). V: the token's scale/min (s_tok, m_tok; one group:
+// D <= 128). prow: the token's pattern, from this half's first channel (patternkv adds it after
+// dequantizing), or null.
 template <int D, int BITS, bool PER_TOKEN>
-__device__ __forceinline__ void stage_uniform(__half* dst, int ld, const uint8_t* codes, const float* ssc,
-                                              const float* smn, const __half* sc, const __half* mn, int n,
-                                              const __half* patterns, const uint8_t* idx, const uint8_t* mask,
-                                              int mask_bit0) {
-    constexpr int GROUP = D < 128 ? D : 128;
+__device__ __forceinline__ void decode_uniform(__half* dst, int ld, const HalfRow<D, BITS>& row, const float* ssc,
+                                               const float* smn, float s_tok, float m_tok, const __half* prow) {
     const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
     __half* out = dst + t * ld + half * (D / 2);
-    if (t >= n) {
-        zero_row(out, D / 2);
-        return;
-    }
-    HalfRow<D, BITS> row;
-    row.load(codes, t, half);
-    const uint4* p = nullptr;
-    if (patterns) {
-        const int bit = mask_bit0 + t;
-        if (!mask || ((mask[bit >> 3] >> (bit & 7)) & 1))
-            p = reinterpret_cast<const uint4*>(patterns + (size_t)idx[t] * D + half * (D / 2));
-    }
+    const uint4* p = reinterpret_cast<const uint4*>(prow);
 #pragma unroll
     for (int g8 = 0; g8 < D / 16; ++g8) {
         float v[8];
@@ -99,37 +81,22 @@ __device__ __forceinline__ void stage_uniform(__half* dst, int ld, const uint8_t
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int j = g8 * 8 + i, d = half * (D / 2) + j;
-            float s, m;
-            if (PER_TOKEN) {
-                const int k = t * (D / GROUP) + d / GROUP;
-                s = __half2float(sc[k]);
-                m = __half2float(mn[k]);
-            } else {
-                s = ssc[d];
-                m = smn[d];
-            }
-            v[i] = dq_uniform(row.code(j), s, m);
+            v[i] = dq_uniform(row.code(j), PER_TOKEN ? s_tok : ssc[d], PER_TOKEN ? m_tok : smn[d]);
             if (p) v[i] = __fadd_rn(__half2float(ph[i]), v[i]);  // pattern + residual, as the oracle adds them
         }
         store8(out + g8 * 8, v);
     }
 }
 
-// Normal-quantile codes (nqkv): x = level[code] * absmax of its block. Token-axis blocks:
-// absmax (TILE, D/bs) in global memory; channel-axis blocks (K only): absmax rows of bs tokens,
-// (., D), from the block holding the tile's first token, which sits `off` tokens into it.
-// levels: the 2^BITS levels, staged in shared memory by the caller.
+// Normal-quantile codes (nqkv): x = level[code] * absmax of its block, for the half row `row` in
+// registers. Token-axis blocks: absmax (TILE, D/bs) in global memory; channel-axis blocks (K
+// only): absmax rows of bs tokens, (., D), from the block holding the tile's first token, which
+// sits `off` tokens into it. levels: the 2^BITS levels, staged in shared memory by the caller.
 template <int D, int BITS, bool CHANNEL>
-__device__ __forceinline__ void stage_nf(__half* dst, int ld, const uint8_t* codes, const __half* absmax, int bs,
-                                         int off, const float* levels, int n) {
+__device__ __forceinline__ void decode_nf(__half* dst, int ld, const HalfRow<D, BITS>& row, const __half* absmax,
+                                          int bs, int off, const float* levels) {
     const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
     __half* out = dst + t * ld + half * (D / 2);
-    if (t >= n) {
-        zero_row(out, D / 2);
-        return;
-    }
-    HalfRow<D, BITS> row;
-    row.load(codes, t, half);
 #pragma unroll
     for (int g8 = 0; g8 < D / 16; ++g8) {
         float v[8];

@@ -54,6 +54,8 @@ class FusedAttention:
         dev = cp.cuda.Device()
         self.sms = dev.attributes["MultiProcessorCount"]
         self.smem_max = dev.attributes["MaxSharedMemoryPerBlockOptin"]
+        self.smem_sm = dev.attributes["MaxSharedMemoryPerMultiprocessor"]
+        self.regs_sm = dev.attributes["MaxRegistersPerMultiprocessor"]
         self._null_h = cp.zeros(8, np.float16)  # stand-in pointers for unused arguments
         self._null_b = cp.zeros(8, np.uint8)
         self._null_f = cp.zeros(16, np.float32)
@@ -78,7 +80,7 @@ class FusedAttention:
         cp, D = self.cp, self.D
         B, H, T, _ = q.shape
         sk, sv = step
-        Hkv = sk.shape[1]
+        Hkv, s = sk.shape[1], storage
         for name, a in (("q", q), ("step k", sk), ("step v", sv)):
             if a.dtype != np.float16 or a.strides[-1] != 2:
                 raise ValueError(f"fused attention: {name} must be fp16 with a contiguous last dim")
@@ -86,19 +88,22 @@ class FusedAttention:
         rows = 16 if g * T <= 16 or smem_bytes(D, 64) > self.smem_max else 64
         row_tiles = -(-g * T // rows)
         blocks = B * Hkv * row_tiles
-        n_split = max(1, min(-(-4 * self.sms // blocks), -(-max(tiles, 1) // 4)))
+        kern = self._kernel(s.method, s.kbits, s.vbits, rows)
+        # Split the keys so that all blocks run in one wave (a partial second wave can cost up
+        # to half the time), keeping >= 4 tiles per block to amortise the merge.
+        per_sm = min(self.smem_sm // (smem_bytes(D, rows) + 1024), self.regs_sm // (kern.num_regs * THREADS), 16)
+        n_split = max(1, min(max(1, per_sm) * self.sms // blocks, -(-max(tiles, 1) // 4)))
         ri = cp.asarray(np.ascontiguousarray(rowinfo, dtype=np.int32))
         check("rowinfo", ri, np.int32, (B, 5))
         sink_k, sink_v = sinks if sinks is not None else (self._null_h, self._null_h)
         win_k, win_v = window if window is not None else (self._null_h, self._null_h)
         for name, a in (("sink k", sink_k), ("sink v", sink_v), ("window k", win_k), ("window v", win_v)):
             check(name, a, np.float16)
-        s = storage
         nb, nh, nf = self._null_b, self._null_h, self._null_f
         o_part = cp.empty((n_split, B, H, T, D), np.float32)
         ml_part = cp.empty((n_split, B, H, T, 2), np.float32)
         e = 2  # bytes per fp16 element: CuPy strides are in bytes
-        self._kernel(s.method, s.kbits, s.vbits, rows)(
+        kern(
             (n_split, Hkv * row_tiles, B), (THREADS,),
             (q, np.int64(q.strides[0] // e), np.int64(q.strides[1] // e), np.int64(q.strides[2] // e),
              i32(H), i32(Hkv), i32(T), f32(scale), ri,

@@ -1,0 +1,30 @@
+"""One decode-step attention launch to profile with Nsight Compute:
+
+    ncu --set detailed -k regex:attend --launch-skip 3 --launch-count 1 python3 bench/profile_attention.py kivi:2 8 131072
+"""
+import sys
+
+from kernels import filled_cache  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+import numpy as np
+
+from minikv.backend import get_backend
+
+
+def main():
+    spec, B, ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    be = get_backend("cuda")
+    cp = be.xp
+    cache = filled_cache(spec, B, ctx, be)
+    q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
+    k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
+    attend = getattr(cache, "_attend", cache.attend)
+    for _ in range(5):
+        cache.begin_step([1] * B)
+        cache.update(0, k, k)
+        attend(0, q)
+    cp.cuda.get_current_stream().synchronize()
+
+
+if __name__ == "__main__":
+    main()
