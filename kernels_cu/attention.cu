@@ -2,6 +2,14 @@
 // and every step size (decode, chunks, prefill): the skeleton is shared, only the decode of a
 // key/value tile into fp16 shared memory differs (tiles.cuh).
 //
+// For uniform codes (kivi, patternkv) the tiles hold the raw codes and the affine parts are
+// folded into the operands (KVQUANT.md 3.5): with k^ = s * code + m (+ C[a]) per channel,
+//   q . k^ = (q * s) . code + q . m (+ q . C[a], from a per-block table of q . C),
+// and with v^ = s_t * code + m_t (+ C[a_t] where the V mask is set) per token,
+//   sum_t p_t v^_t = (p * s) . code + sum_t p_t m_t (+ sum_c hist_c C[c], hist_c = sum of the
+//   p_t of tokens on pattern c),
+// so decoding a tile is unpacking codes, with no per-element scale or pattern reads.
+//
 // A block serves one (sequence b, kv head) and a tile of ROWS query rows, row r = t * g + j
 // (query t of the step, head j of the kv head's group of g): every query head of a kv head
 // reads each K/V tile once. Keys come in segments, in position order:
@@ -25,17 +33,26 @@ __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ uint32_t u32(const __half* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Four 8x8 fp16 matrices from shared memory in one instruction: lane l gives the address of row
+// l % 8 of matrix l / 8; r[j] is matrix j's fragment (lane holds row lane / 4, columns 2 (lane % 4)
+// and +1; with .trans, the transpose's).
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const __half* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
 
-__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
-    return (uint32_t)__half_as_ushort(lo) | ((uint32_t)__half_as_ushort(hi) << 16);
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const __half* p) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 
 enum Method { DENSE = 0, KIVI = 1, NQKV_TOKEN = 2, NQKV_CHANNEL = 3, PATTERN = 4 };
 
-// rowinfo (B, 5) int32 per sequence: sinks, chunks, window tokens, step tokens, step offset
-// (for the dense cache the step's keys sit in the same buffer, after the history).
-struct Row { int sinks, chunks, window, step, step_off; };
+// rowinfo (B, 6) int32 per sequence: sinks, chunks, window tokens, step tokens, step offset
+// (for the dense cache the step's keys sit in the same buffer, after the history), patterns.
+struct Row { int sinks, chunks, window, step, step_off, patterns; };
 
 constexpr int THREADS = 128;
 
@@ -84,14 +101,71 @@ struct Smem {  // offsets (bytes) of the shared-memory regions, each 128-byte al
     static constexpr int LDH = D + 8, LDS = TILE + 4, LDP = TILE + 8;
     static constexpr int al(int x) { return (x + 127) / 128 * 128; }
     static constexpr int Q = 0;
-    static constexpr int K = Q + al(ROWS * LDH * 2);
+    static constexpr int QK = Q + al(ROWS * LDH * 2);  // q * the chunk's K scales (folded kernels)
+    static constexpr int K = QK + al(ROWS * LDH * 2);
     static constexpr int V = K + al(TILE * LDH * 2);
     static constexpr int S = V + al(TILE * LDH * 2);
     static constexpr int P = S + al(ROWS * LDS * 4);
-    static constexpr int M = P + al(ROWS * LDP * 2);  // running max, sum, rescale per row
-    static constexpr int C = M + al(ROWS * 3 * 4);    // chunk's K scale and min (float32), NF levels
-    static constexpr int BYTES = C + al((2 * D + 32) * 4);
+    static constexpr int R = P + al(ROWS * LDP * 2);     // per row: max, sum, rescale, sum p*m, q.m
+    static constexpr int C = R + al(ROWS * 5 * 4);       // chunk's K scale and min (float32), NF levels
+    static constexpr int TT = C + al((2 * D + 32) * 4);  // per tile token: V scale, V min, K/V pattern, mask
+    static constexpr int X = TT + al(TILE * 5 * 4);      // patternkv: q.C table, then hist (ROWS x mp each)
+    static constexpr int bytes(bool patterns, int mp) { return X + (patterns ? 2 * al(ROWS * mp * 4) : 0); }
 };
+
+// dst (ROWS x TILE, float, ld) = A (ROWS x D, fp16 rows) . B^T, B (TILE x D, fp16 rows): warps tile
+// the rows by 16 and split the TILE columns. Fragments come in with ldmatrix: A's four 8x8
+// pieces are (rows 0-7 | 8-15) x (cols 0-7 | 8-15); B's (keys 0-7 | 8-15 of two n-tiles) x (k 0-7 | 8-15).
+template <int D, int ROWS>
+__device__ __forceinline__ void mma_abt(const __half* A, const __half* Bm, float* dst, int ld) {
+    constexpr int LDH = D + 8, WR = ROWS / 16, WC = 4 / WR, NK = TILE / WC;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, cq = lane & 3;
+    const int wr = warp % WR, wc = warp / WR, li = lane & 7, sel = lane >> 3;
+    float acc[NK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < NK / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+    for (int k0 = 0; k0 < D; k0 += 16) {
+        uint32_t a[4];
+        ldsm_x4(a, A + (wr * 16 + (sel & 1) * 8 + li) * LDH + k0 + (sel >> 1) * 8);
+#pragma unroll
+        for (int n2 = 0; n2 < NK / 16; ++n2) {
+            uint32_t bq[4];
+            ldsm_x4(bq, Bm + (wc * NK + n2 * 16 + (sel >> 1) * 8 + li) * LDH + k0 + (sel & 1) * 8);
+            mma16816(acc[2 * n2], a, bq);
+            mma16816(acc[2 * n2 + 1], a, bq + 2);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NK / 8; ++nt) {
+        float* s0 = dst + (wr * 16 + gq) * ld + wc * NK + nt * 8 + 2 * cq;
+        s0[0] = acc[nt][0];
+        s0[1] = acc[nt][1];
+        s0[8 * ld] = acc[nt][2];
+        s0[8 * ld + 1] = acc[nt][3];
+    }
+}
+
+// o (this warp's 16 rows x D/WC channels, registers) += P (ROWS x TILE, fp16) . V (TILE x D, fp16
+// rows). V is row-major [key][channel], so its fragments come in transposed (ldmatrix .trans).
+template <int D, int ROWS>
+__device__ __forceinline__ void mma_pv(float (*o)[4], const __half* Pm, const __half* Vm) {
+    constexpr int LDH = D + 8, LDP = TILE + 8, WR = ROWS / 16, WC = 4 / WR, ND = D / WC;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wr = warp % WR, wc = warp / WR, li = lane & 7, sel = lane >> 3;
+#pragma unroll
+    for (int k0 = 0; k0 < TILE; k0 += 16) {
+        uint32_t a[4];
+        ldsm_x4(a, Pm + (wr * 16 + (sel & 1) * 8 + li) * LDP + k0 + (sel >> 1) * 8);
+#pragma unroll
+        for (int n2 = 0; n2 < ND / 16; ++n2) {
+            uint32_t bq[4];
+            ldsm_x4_trans(bq, Vm + (k0 + (sel & 1) * 8 + li) * LDH + wc * ND + n2 * 16 + (sel >> 1) * 8);
+            mma16816(o[2 * n2], a, bq);
+            mma16816(o[2 * n2 + 1], a, bq + 2);
+        }
+    }
+}
 
 template <int D, int METHOD, int KB, int VB, int ROWS>
 __global__ void __launch_bounds__(THREADS) attend(
@@ -104,36 +178,48 @@ __global__ void __launch_bounds__(THREADS) attend(
     const uint8_t* vc, const __half* vs, const __half* vm,          // V codes and scales/mins/absmax
     int n_chunks_cap, int G, int bs, const float* levels_k, const float* levels_v,
     const uint8_t* kidx, const uint8_t* vidx, const uint8_t* vmask, const __half* kpat,
-    const __half* vpat, int mmax,
+    const __half* vpat, int mmax, int mp,  // pattern storage stride; table width (max patterns, to 64)
     float* __restrict__ o_part, float* __restrict__ ml_part) {   // (splits, B, H, T, D), (splits, B, H, T, 2)
     using L = Smem<D, ROWS>;
+    // Folded kernels: the tiles hold raw codes, exact in fp16 for codes of at most 8 bits.
+    constexpr bool FOLD = METHOD == PATTERN || (METHOD == KIVI && KB <= 8 && VB <= 8);
     extern __shared__ __align__(128) unsigned char smem[];
     __half* Qs = reinterpret_cast<__half*>(smem + L::Q);
+    __half* Qk = reinterpret_cast<__half*>(smem + L::QK);
     __half* Ks = reinterpret_cast<__half*>(smem + L::K);
     __half* Vs = reinterpret_cast<__half*>(smem + L::V);
     float* Ss = reinterpret_cast<float*>(smem + L::S);
     __half* Ps = reinterpret_cast<__half*>(smem + L::P);
-    float* row_m = reinterpret_cast<float*>(smem + L::M);
+    float* row_m = reinterpret_cast<float*>(smem + L::R);
     float* row_l = row_m + ROWS;
     float* row_a = row_l + ROWS;
+    float* row_pm = row_a + ROWS;  // sum of p * V min (folded), rescaled with the output
+    float* row_qm = row_pm + ROWS;  // q . the chunk's K mins (folded)
     float* k_scale = reinterpret_cast<float*>(smem + L::C);  // (D,) this chunk's K scales, then mins
     float* k_min = k_scale + D;
     float* lv_k = k_min + D;  // NF levels of K and V (16 each)
     float* lv_v = lv_k + 16;
+    float* tok_vs = reinterpret_cast<float*>(smem + L::TT);  // per key of the tile (folded)
+    float* tok_vm = tok_vs + TILE;
+    int* tok_kx = reinterpret_cast<int*>(tok_vm + TILE);
+    int* tok_vx = tok_kx + TILE;
+    int* tok_mk = tok_vx + TILE;
+    float* qc = reinterpret_cast<float*>(smem + L::X);     // (ROWS, mp) q . K patterns
+    float* hist = qc + (ROWS * mp + 31) / 32 * 32;          // (ROWS, mp) probability per V pattern
 
     const int b = blockIdx.z, B = gridDim.z, g = H / Hkv;
     const int row_tiles = (g * T + ROWS - 1) / ROWS;
     const int h = blockIdx.y / row_tiles, r0 = (blockIdx.y % row_tiles) * ROWS;
     const int split = blockIdx.x, n_split = gridDim.x, tid = threadIdx.x, warp = tid >> 5;
     const int lane = tid & 31, gq = lane >> 2, cq = lane & 3;  // mma fragment coordinates
-    // Warps tile the rows by 16 (WR of them) and split the keys (for S) or channels (for O).
-    constexpr int WR = ROWS / 16, WC = 4 / WR, NK = TILE / WC, ND = D / WC;
+    constexpr int WR = ROWS / 16, WC = 4 / WR, ND = D / WC, TPR = THREADS / ROWS;
     const int wr = warp % WR, wc = warp / WR;
     float o[ND / 8][4];  // this warp's 16 rows x ND channels of the output, unnormalised
 #pragma unroll
     for (int i = 0; i < ND / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     const Row info = reinterpret_cast<const Row*>(rowinfo)[b];
     const long long bh = (long long)b * Hkv + h;
+    const int n_pat = METHOD == PATTERN ? info.patterns : 0;
 
     // Queries of this row tile; the step keys a row may see end at its own position.
     for (int i = tid; i < ROWS * D; i += THREADS) {
@@ -142,10 +228,20 @@ __global__ void __launch_bounds__(THREADS) attend(
         if (r < g * T) v = q[b * q_sb + (long long)(h * g + r % g) * q_sh + (long long)(r / g) * q_st + d];
         Qs[(i / D) * L::LDH + d] = v;
     }
-    for (int r = tid; r < ROWS; r += THREADS) { row_m[r] = -MINIKV_INF; row_l[r] = 0.0f; }
+    for (int r = tid; r < ROWS; r += THREADS) { row_m[r] = -MINIKV_INF; row_l[r] = 0.0f; row_pm[r] = 0.0f; }
     if constexpr (METHOD == NQKV_TOKEN || METHOD == NQKV_CHANNEL) {
         if (tid < (1 << KB)) lv_k[tid] = levels_k[tid];
         if (tid < (1 << VB)) lv_v[tid] = levels_v[tid];
+    }
+    if constexpr (METHOD == PATTERN) {
+        for (int i = tid; i < ROWS * mp; i += THREADS) hist[i] = 0.0f;
+        __syncthreads();
+        for (int m0 = 0; m0 < n_pat; m0 += TILE) {  // q . C for every K pattern, once per block
+            minikv::stage_fp16<D>(Ks, L::LDH, kpat + (bh * mmax + m0) * D, D, min(TILE, n_pat - m0));
+            __syncthreads();
+            mma_abt<D, ROWS>(Qs, Ks, qc + m0, mp);
+            __syncthreads();
+        }
     }
     const int last_row = min(r0 + ROWS, g * T) - 1;
     const int step_seen = min(info.step, last_row / g + 1);  // step keys any row of the tile sees
@@ -165,9 +261,11 @@ __global__ void __launch_bounds__(THREADS) attend(
         }
     };
     prefetch(lo);
+    int folded = -1;  // the chunk whose K scales Qk holds
 
     for (int tile = lo; tile < hi; ++tile) {
         int n_valid, causal_base = -1;  // causal_base >= 0: step keys, index of the tile's first
+        bool chunk = false;
         __syncthreads();  // previous tile's K/V/P are no longer read
         if (tile < t_sink) {
             const int k0 = tile * TILE;
@@ -178,26 +276,50 @@ __global__ void __launch_bounds__(THREADS) attend(
             prefetch(tile + 1);
         } else if (tile < t_sink + t_chunk) {
             n_valid = TILE;
+            chunk = true;
             if constexpr (METHOD != DENSE) {
                 const ChunkTile<D, METHOD, KB, VB> cur = next;
                 prefetch(tile + 1);  // issued before this tile's decode and compute
                 const int t = tid >> 1, half = tid & 1;
                 if constexpr (METHOD == KIVI || METHOD == PATTERN) {
-                    if (tid < D) {
-                        k_scale[tid] = __half2float(cur.k_scale);
-                        k_min[tid] = __half2float(cur.k_min);
+                    if (cur.c != folded || !FOLD) {  // a new chunk: its per-channel K scale and min
+                        if (tid < D) {
+                            k_scale[tid] = __half2float(cur.k_scale);
+                            k_min[tid] = __half2float(cur.k_min);
+                        }
+                        __syncthreads();
                     }
-                    __syncthreads();
-                    const __half* kp = nullptr;
-                    const __half* vp = nullptr;
-                    if constexpr (METHOD == PATTERN) {
-                        kp = kpat + (bh * mmax + cur.k_pat) * D + half * (D / 2);
-                        const int bit = (int)(cur.tok - bh * n_chunks_cap * G + t);
-                        if ((cur.v_mask >> (bit & 7)) & 1) vp = vpat + (bh * mmax + cur.v_pat) * D + half * (D / 2);
+                    if constexpr (FOLD) {
+                        if (cur.c != folded) {  // Qk = q * s, q . m per row
+                            for (int i = tid; i < ROWS * D; i += THREADS) {
+                                const int r = i / D, d = i % D;
+                                Qk[r * L::LDH + d] = __float2half_rn(__half2float(Qs[r * L::LDH + d]) * k_scale[d]);
+                            }
+                            const int r = tid / TPR, part = tid % TPR;
+                            float acc = 0.0f;
+                            for (int d = part; d < D; d += TPR) acc += __half2float(Qs[r * L::LDH + d]) * k_min[d];
+#pragma unroll
+                            for (int o2 = TPR / 2; o2 > 0; o2 >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o2, TPR);
+                            if (part == 0) row_qm[r] = acc;
+                            folded = cur.c;
+                        }
+                        minikv::decode_codes<D, KB>(Ks, L::LDH, cur.k);
+                        minikv::decode_codes<D, VB>(Vs, L::LDH, cur.v);
+                        if (half == 0) {
+                            tok_vs[t] = __half2float(cur.v_scale);
+                            tok_vm[t] = __half2float(cur.v_min);
+                            if constexpr (METHOD == PATTERN) {
+                                const int bit = (int)(cur.tok - bh * n_chunks_cap * G + t);
+                                tok_kx[t] = cur.k_pat;
+                                tok_vx[t] = cur.v_pat;
+                                tok_mk[t] = (cur.v_mask >> (bit & 7)) & 1;
+                            }
+                        }
+                    } else {  // 16-bit codes (a diagnostic setting): decode to values
+                        minikv::decode_uniform<D, KB, false>(Ks, L::LDH, cur.k, k_scale, k_min, 0.0f, 0.0f, nullptr);
+                        minikv::decode_uniform<D, VB, true>(Vs, L::LDH, cur.v, nullptr, nullptr,
+                                                            __half2float(cur.v_scale), __half2float(cur.v_min), nullptr);
                     }
-                    minikv::decode_uniform<D, KB, false>(Ks, L::LDH, cur.k, k_scale, k_min, 0.0f, 0.0f, kp);
-                    minikv::decode_uniform<D, VB, true>(Vs, L::LDH, cur.v, nullptr, nullptr,
-                                                        __half2float(cur.v_scale), __half2float(cur.v_min), vp);
                 } else {
                     const int bsd = bs < D ? bs : D;  // token-axis blocks never exceed head_dim
                     if constexpr (METHOD == NQKV_CHANNEL) {
@@ -224,38 +346,15 @@ __global__ void __launch_bounds__(THREADS) attend(
             minikv::stage_fp16<D>(Ks, L::LDH, step_k + off, s_st, n_valid);
             minikv::stage_fp16<D>(Vs, L::LDH, step_v + off, s_st, n_valid);
         }
+        const bool folded_tile = FOLD && chunk;
         __syncthreads();
 
-        // S = Q K^T (ROWS x TILE); Ks rows are keys, so B = K^T is col-major as mma wants.
-        {
-            float acc[NK / 8][4];
-#pragma unroll
-            for (int nt = 0; nt < NK / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-#pragma unroll
-            for (int k0 = 0; k0 < D; k0 += 16) {
-                const __half* qa = Qs + (wr * 16 + gq) * L::LDH + k0 + 2 * cq;
-                const uint32_t a[4] = {u32(qa), u32(qa + 8 * L::LDH), u32(qa + 8), u32(qa + 8 * L::LDH + 8)};
-#pragma unroll
-                for (int nt = 0; nt < NK / 8; ++nt) {
-                    const __half* kb = Ks + (wc * NK + nt * 8 + gq) * L::LDH + k0 + 2 * cq;
-                    const uint32_t b[2] = {u32(kb), u32(kb + 8)};
-                    mma16816(acc[nt], a, b);
-                }
-            }
-#pragma unroll
-            for (int nt = 0; nt < NK / 8; ++nt) {
-                float* s0 = Ss + (wr * 16 + gq) * L::LDS + wc * NK + nt * 8 + 2 * cq;
-                s0[0] = acc[nt][0];
-                s0[1] = acc[nt][1];
-                s0[8 * L::LDS] = acc[nt][2];
-                s0[8 * L::LDS + 1] = acc[nt][3];
-            }
-        }
+        mma_abt<D, ROWS>(folded_tile ? Qk : Qs, Ks, Ss, L::LDS);  // S = Q K^T (ROWS x TILE)
         __syncthreads();
 
-        // Online softmax: TPR consecutive threads per row, each over TILE / TPR keys.
+        // Online softmax: TPR consecutive threads per row (one warp), each over TILE / TPR keys.
         {
-            constexpr int TPR = THREADS / ROWS, PER = TILE / TPR;
+            constexpr int PER = TILE / TPR;
             const int r = tid / TPR, part = tid % TPR;
             const int t_row = min((r0 + r) / g, info.step - 1);  // padded rows repeat the last query
             float mx = -MINIKV_INF;
@@ -264,26 +363,47 @@ __global__ void __launch_bounds__(THREADS) attend(
             for (int i = 0; i < PER; ++i) {
                 const int k = part * PER + i;
                 const bool ok = k < n_valid && (causal_base < 0 || causal_base + k <= t_row);
-                s[i] = ok ? Ss[r * L::LDS + k] * scale : -MINIKV_INF;
+                float raw = Ss[r * L::LDS + k];
+                if (folded_tile) {
+                    raw += row_qm[r];
+                    if (METHOD == PATTERN) raw += qc[r * mp + tok_kx[k]];
+                }
+                s[i] = ok ? raw * scale : -MINIKV_INF;
                 mx = fmaxf(mx, s[i]);
             }
 #pragma unroll
-            for (int o = TPR / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o, TPR));
+            for (int o2 = TPR / 2; o2 > 0; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2, TPR));
             const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
-            float sum = 0.0f;
+            const float alpha = m_old == -MINIKV_INF ? 0.0f : __expf(m_old - m_new);
+            if constexpr (METHOD == PATTERN) {  // the histogram shares the output's running scale
+                if (alpha != 1.0f)
+                    for (int c = part; c < n_pat; c += TPR) hist[r * mp + c] *= alpha;
+                __syncwarp();
+            }
+            float sum = 0.0f, pmin = 0.0f;
 #pragma unroll
             for (int i = 0; i < PER; ++i) {
+                const int k = part * PER + i;
                 const float p = m_new == -MINIKV_INF ? 0.0f : __expf(s[i] - m_new);
-                Ps[r * L::LDP + part * PER + i] = __float2half(p);
                 sum += p;
+                float pv = p;
+                if (folded_tile) {
+                    pv = p * tok_vs[k];
+                    pmin += p * tok_vm[k];
+                    if (METHOD == PATTERN && p > 0.0f && tok_mk[k]) atomicAdd(&hist[r * mp + tok_vx[k]], p);
+                }
+                Ps[r * L::LDP + k] = __float2half(pv);
             }
 #pragma unroll
-            for (int o = TPR / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o, TPR);
+            for (int o2 = TPR / 2; o2 > 0; o2 >>= 1) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, o2, TPR);
+                pmin += __shfl_xor_sync(0xffffffffu, pmin, o2, TPR);
+            }
             __syncwarp();
             if (part == 0) {
-                const float alpha = m_old == -MINIKV_INF ? 0.0f : __expf(m_old - m_new);
                 row_a[r] = alpha;
                 row_l[r] = row_l[r] * alpha + sum;
+                row_pm[r] = row_pm[r] * alpha + pmin;
                 row_m[r] = m_new;
             }
         }
@@ -299,34 +419,37 @@ __global__ void __launch_bounds__(THREADS) attend(
                 o[nt][2] *= a1;
                 o[nt][3] *= a1;
             }
-#pragma unroll
-            for (int k0 = 0; k0 < TILE; k0 += 16) {
-                const __half* pa = Ps + (wr * 16 + gq) * L::LDP + k0 + 2 * cq;
-                const uint32_t a[4] = {u32(pa), u32(pa + 8 * L::LDP), u32(pa + 8), u32(pa + 8 * L::LDP + 8)};
-                const __half* vb = Vs + (k0 + 2 * cq) * L::LDH + wc * ND + gq;
-#pragma unroll
-                for (int nt = 0; nt < ND / 8; ++nt) {
-                    const __half* v = vb + nt * 8;  // B[k][n] = V[k0 + k][n]: two keys per register
-                    const uint32_t b[2] = {pack2(v[0], v[L::LDH]), pack2(v[8 * L::LDH], v[9 * L::LDH])};
-                    mma16816(o[nt], a, b);
-                }
+            mma_pv<D, ROWS>(o, Ps, Vs);
+        }
+    }
+    __syncthreads();
+
+    if constexpr (METHOD == PATTERN) {  // O += hist . C_v, the V patterns' share, 64 patterns at a time
+        for (int m0 = 0; m0 < n_pat; m0 += TILE) {
+            minikv::stage_fp16<D>(Vs, L::LDH, vpat + (bh * mmax + m0) * D, D, min(TILE, n_pat - m0));
+            for (int i = tid; i < ROWS * TILE; i += THREADS) {
+                const int r = i / TILE, c = i % TILE;
+                Ps[r * L::LDP + c] = __float2half(m0 + c < n_pat ? hist[r * mp + m0 + c] : 0.0f);
             }
+            __syncthreads();
+            mma_pv<D, ROWS>(o, Ps, Vs);
+            __syncthreads();
         }
     }
 
-    // This split's unnormalised output and (max, sum) per row, for attend_reduce. The softmax
-    // state was last written before the final tile's P.V, behind a barrier.
+    // This split's unnormalised output (plus the folded V mins' share) and (max, sum) per row.
     const long long BHT = (long long)B * H * T;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int rl = wr * 16 + gq + 8 * half, r = r0 + rl;
         if (r >= g * T) continue;
         const long long row = ((long long)b * H + h * g + r % g) * T + r / g;
+        const float pm = row_pm[rl];
         float* dst = o_part + (split * BHT + row) * D + wc * ND + 2 * cq;
 #pragma unroll
         for (int nt = 0; nt < ND / 8; ++nt) {
-            dst[nt * 8] = o[nt][2 * half];
-            dst[nt * 8 + 1] = o[nt][2 * half + 1];
+            dst[nt * 8] = o[nt][2 * half] + pm;
+            dst[nt * 8 + 1] = o[nt][2 * half + 1] + pm;
         }
         if (wc == 0 && cq == 0) {
             ml_part[(split * BHT + row) * 2] = row_m[rl];

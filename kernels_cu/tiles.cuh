@@ -61,6 +61,21 @@ __device__ __forceinline__ void store8(__half* out, const float* v) {
     *reinterpret_cast<uint4*>(out) = u;
 }
 
+// The codes of a half row as fp16 numbers (exact up to 2048): folded kernels apply the scales to
+// the other operand.
+template <int D, int BITS>
+__device__ __forceinline__ void decode_codes(__half* dst, int ld, const HalfRow<D, BITS>& row) {
+    const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
+    __half* out = dst + t * ld + half * (D / 2);
+#pragma unroll
+    for (int g8 = 0; g8 < D / 16; ++g8) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = (float)row.code(g8 * 8 + i);
+        store8(out + g8 * 8, v);
+    }
+}
+
 // Uniform codes (kivi; patternkv residuals): x = code * scale + min, for the half row `row` of
 // codes already in registers. K: per-channel scale/min of the chunk, staged by the caller as
 // float32 in shared memory (ssc, smn: (D,)). V: the token's scale/min (s_tok, m_tok; one group:

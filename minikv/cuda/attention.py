@@ -13,12 +13,13 @@ TILE, THREADS = 64, 128
 METHODS = {"fp16": 0, "kivi": 1, "nqkv_token": 2, "nqkv_channel": 3, "patternkv": 4}
 
 
-def smem_bytes(D: int, rows: int) -> int:
-    """Shared memory of attend<D, ..., rows>: mirrors Smem<D, ROWS> in attention.cu."""
+def smem_bytes(D: int, rows: int, mmax: int = 0) -> int:
+    """Shared memory of attend<D, ..., rows>: mirrors Smem<D, ROWS>::bytes in attention.cu
+    (mmax > 0: patternkv's q.C table and histogram, mmax rounded up to 64 patterns)."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
-    ldh, lds, ldp = D + 8, TILE + 4, TILE + 8
-    return (al(rows * ldh * 2) + 2 * al(TILE * ldh * 2) + al(rows * lds * 4) + al(rows * ldp * 2) + al(rows * 3 * 4)
-            + al((2 * D + 32) * 4))
+    ldh, lds, ldp, mp = D + 8, TILE + 4, TILE + 8, -(-mmax // 64) * 64
+    return (2 * al(rows * ldh * 2) + 2 * al(TILE * ldh * 2) + al(rows * lds * 4) + al(rows * ldp * 2)
+            + al(rows * 5 * 4) + al((2 * D + 32) * 4) + al(TILE * 5 * 4) + 2 * al(rows * mp * 4))
 
 
 @dataclass
@@ -62,18 +63,19 @@ class FusedAttention:
         self._kernels: dict = {}
         self._reduce = kernel("attention", "attend_reduce")
 
-    def _kernel(self, method: str, kb: int, vb: int, rows: int):
+    def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int):
         key = (method, kb, vb, rows)
         if key not in self._kernels:
-            k = kernel("attention", f"attend<{self.D}, {METHODS[method]}, {kb}, {vb}, {rows}>")
-            k.max_dynamic_shared_size_bytes = smem_bytes(self.D, rows)
-            self._kernels[key] = k
-        return self._kernels[key]
+            self._kernels[key] = kernel("attention", f"attend<{self.D}, {METHODS[method]}, {kb}, {vb}, {rows}>")
+        k = self._kernels[key]
+        if k.max_dynamic_shared_size_bytes < smem:
+            k.max_dynamic_shared_size_bytes = smem
+        return k
 
     def __call__(self, q, rowinfo: np.ndarray, scale: float, sinks, window, step, storage: Storage,
                  tiles: int):
-        """q (B, H, T, D) fp16 (any strides, last dim contiguous); rowinfo host int (B, 5):
-        sinks, chunks, window, step tokens, step offset per sequence; sinks/window: (k, v)
+        """q (B, H, T, D) fp16 (any strides, last dim contiguous); rowinfo host int (B, 6):
+        sinks, chunks, window, step tokens, step offset, patterns per sequence; sinks/window: (k, v)
         contiguous (B, Hkv, cap, D) fp16 or None; step: (k, v) (B, Hkv, T', D) fp16 views with
         a contiguous last dim; tiles: the most key tiles any sequence has (sizes the split).
         Returns (B, H, T, D), a view of a (B, T, H, D) buffer."""
@@ -85,16 +87,19 @@ class FusedAttention:
             if a.dtype != np.float16 or a.strides[-1] != 2:
                 raise ValueError(f"fused attention: {name} must be fp16 with a contiguous last dim")
         g = H // Hkv
-        rows = 16 if g * T <= 16 or smem_bytes(D, 64) > self.smem_max else 64
+        # patternkv's per-block tables hold as many patterns as the fullest sequence has
+        mp = -(-int(np.max(rowinfo[:, 5])) // 64) * 64 if s.method == "patternkv" else 0
+        rows = 16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64
+        smem = smem_bytes(D, rows, mp)
         row_tiles = -(-g * T // rows)
         blocks = B * Hkv * row_tiles
-        kern = self._kernel(s.method, s.kbits, s.vbits, rows)
+        kern = self._kernel(s.method, s.kbits, s.vbits, rows, smem)
         # Split the keys so that all blocks run in one wave (a partial second wave can cost up
         # to half the time), keeping >= 4 tiles per block to amortise the merge.
-        per_sm = min(self.smem_sm // (smem_bytes(D, rows) + 1024), self.regs_sm // (kern.num_regs * THREADS), 16)
+        per_sm = min(self.smem_sm // (smem + 1024), self.regs_sm // (kern.num_regs * THREADS), 16)
         n_split = max(1, min(max(1, per_sm) * self.sms // blocks, -(-max(tiles, 1) // 4)))
         ri = cp.asarray(np.ascontiguousarray(rowinfo, dtype=np.int32))
-        check("rowinfo", ri, np.int32, (B, 5))
+        check("rowinfo", ri, np.int32, (B, 6))
         sink_k, sink_v = sinks if sinks is not None else (self._null_h, self._null_h)
         win_k, win_v = window if window is not None else (self._null_h, self._null_h)
         for name, a in (("sink k", sink_k), ("sink v", sink_v), ("window k", win_k), ("window v", win_v)):
@@ -116,8 +121,8 @@ class FusedAttention:
              s.levels_k if s.levels_k is not None else nf, s.levels_v if s.levels_v is not None else nf,
              s.kidx if s.kidx is not None else nb, s.vidx if s.vidx is not None else nb,
              s.vmask if s.vmask is not None else nb, s.kpat if s.kpat is not None else nh,
-             s.vpat if s.vpat is not None else nh, i32(s.mmax), o_part, ml_part),
-            shared_mem=smem_bytes(D, rows))
+             s.vpat if s.vpat is not None else nh, i32(s.mmax), i32(mp), o_part, ml_part),
+            shared_mem=smem)
         out = cp.empty((B, T, H, D), np.float16)
         self._reduce((B * H * T,), (min(D, 128),),
                      (o_part, ml_part, out, i32(n_split), i32(H), i32(T), i32(D), np.int64(B * H * T)))

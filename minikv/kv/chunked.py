@@ -182,11 +182,15 @@ class ChunkedQuantCache(KVCache):
         from ..cuda.attention import tiles_per_row
 
         sl, wl = np.minimum(self.lengths, self.S), self._window_len()
-        info = np.stack([sl, self.n_chunks, wl, self.n_new, np.zeros_like(sl)], axis=1)
+        info = np.stack([sl, self.n_chunks, wl, self.n_new, np.zeros_like(sl), self.pattern_counts(layer)], axis=1)
         sinks = (self.sink_k[layer], self.sink_v[layer]) if self.S else None
         return self.fused(q, info, self.geom.scale, sinks, (self.win_k[layer], self.win_v[layer]),
                           self._step[layer], self.kernel_storage(layer),
                           tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G))
+
+    def pattern_counts(self, layer: int) -> np.ndarray:
+        """(B,) patterns each sequence holds in `layer` (methods without patterns: none)."""
+        return np.zeros(self.batch, dtype=np.int64)
 
     def kernel_storage(self, layer: int):
         """The packed chunks of `layer` as the fused kernel reads them (a cuda.attention.Storage)."""

@@ -38,7 +38,7 @@ class DenseCache(KVCache):
             from ..cuda.attention import Storage, tiles_per_row
 
             z = np.zeros_like(self.lengths)
-            info = np.stack([z, z, self.lengths, self.n_new, self.lengths], axis=1)
+            info = np.stack([z, z, self.lengths, self.n_new, self.lengths, z], axis=1)
             kv = (self.k[layer], self.v[layer])
             return self.fused(q, info, self.geom.scale, None, kv, kv, Storage("fp16"),
                               tiles_per_row(0, 0, self.lengths, self.n_new, 64))

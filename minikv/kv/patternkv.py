@@ -104,6 +104,9 @@ class PatternKVCache(KiviCache):
         self.v_resid[layer] += (int(use.sum()), use.size)
         return ck.reshape(nb, H, n * G, D) + rk_hat.reshape(nb, H, n * G, D), cv + rv_hat
 
+    def pattern_counts(self, layer):
+        return self.count[layer]
+
     def kernel_storage(self, layer):
         st = super().kernel_storage(layer)
         st.kidx, st.vidx, st.vmask = self.kidx[layer], self.vidx[layer], self.vmask[layer]
