@@ -18,82 +18,15 @@
 // attend_reduce merges the splits. Scores and P.V run on tensor cores through mma.sync
 // m16n8k16 (fp16 in, fp32 accumulate; inline PTX: NVRTC has no <mma.h>), whose fragment
 // layout is known, so the output accumulator stays in registers and is rescaled per row.
-#include "tiles.cuh"
+#include "mma.cuh"
 
-using minikv::TILE;
-
-// D (16x8, f32) += A (16x16, f16, row-major) B (16x8, f16, col-major). Thread lane holds, with
-// g = lane / 4 and c = lane % 4: a = A[g][2c:2c+2], A[g+8][2c:], A[g][2c+8:], A[g+8][2c+8:];
-// b = B[2c:2c+2][g], B[2c+8:2c+10][g]; d = D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1].
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Four 8x8 fp16 matrices from shared memory in one instruction: lane l gives the address of row
-// l % 8 of matrix l / 8; r[j] is matrix j's fragment (lane holds row lane / 4, columns 2 (lane % 4)
-// and +1; with .trans, the transpose's).
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const __half* p) {
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const __half* p) {
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
-enum Method { DENSE = 0, KIVI = 1, NQKV_TOKEN = 2, NQKV_CHANNEL = 3, PATTERN = 4 };
+using namespace minikv;
 
 // rowinfo (B, 6) int32 per sequence: sinks, chunks, window tokens, step tokens, step offset
 // (for the dense cache the step's keys sit in the same buffer, after the history), patterns.
 struct Row { int sinks, chunks, window, step, step_off, patterns; };
 
 constexpr int THREADS = 128;
-
-// One chunk tile's share of this thread (half a token row), loaded a tile ahead into registers
-// as raw bits: nothing waits on these loads until the tile is decoded, so they overlap the
-// previous tile's scores, softmax and P.V.
-template <int D, int METHOD, int KB, int VB>
-struct ChunkTile {
-    minikv::HalfRow<D, KB> k;
-    minikv::HalfRow<D, VB> v;
-    __half v_scale, v_min, k_scale, k_min;  // this token's V scale/min; channel tid's chunk K scale/min
-    uint8_t k_pat, v_pat, v_mask;           // patternkv: pattern indices, the token's V mask byte
-    int c, t0;                              // chunk and first token in it
-    long long tok;                          // token slot of the tile's first key
-
-    __device__ __forceinline__ void load(int ct, int per_chunk, int G, long long bh, int n_chunks_cap,
-                                         const uint8_t* kc, const __half* ks, const __half* km, const uint8_t* vc,
-                                         const __half* vs, const __half* vm, const uint8_t* kidx,
-                                         const uint8_t* vidx, const uint8_t* vmask) {
-        const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
-        c = ct / per_chunk;
-        t0 = (ct % per_chunk) * TILE;
-        tok = (bh * n_chunks_cap + c) * G + t0;
-        k.load(kc + tok * (D * KB / 8), t, half);
-        v.load(vc + tok * (D * VB / 8), t, half);
-        if constexpr (METHOD == KIVI || METHOD == PATTERN) {
-            v_scale = vs[tok + t];
-            v_min = vm[tok + t];
-            if (threadIdx.x < D) {
-                k_scale = ks[(bh * n_chunks_cap + c) * D + threadIdx.x];
-                k_min = km[(bh * n_chunks_cap + c) * D + threadIdx.x];
-            }
-        }
-        if constexpr (METHOD == PATTERN) {
-            k_pat = kidx[tok + t];
-            v_pat = vidx[tok + t];
-            const long long bit = tok - bh * n_chunks_cap * G + t;  // within the sequence's mask row
-            v_mask = vmask[bh * n_chunks_cap * G / 8 + (bit >> 3)];
-        }
-    }
-};
 
 template <int D, int ROWS>
 struct Smem {  // offsets (bytes) of the shared-memory regions, each 128-byte aligned
@@ -112,60 +45,6 @@ struct Smem {  // offsets (bytes) of the shared-memory regions, each 128-byte al
     static constexpr int X = TT + al(TILE * 5 * 4);      // patternkv: q.C table, then hist (ROWS x mp each)
     static constexpr int bytes(bool patterns, int mp) { return X + (patterns ? 2 * al(ROWS * mp * 4) : 0); }
 };
-
-// dst (ROWS x TILE, float, ld) = A (ROWS x D, fp16 rows) . B^T, B (TILE x D, fp16 rows): warps tile
-// the rows by 16 and split the TILE columns. Fragments come in with ldmatrix: A's four 8x8
-// pieces are (rows 0-7 | 8-15) x (cols 0-7 | 8-15); B's (keys 0-7 | 8-15 of two n-tiles) x (k 0-7 | 8-15).
-template <int D, int ROWS>
-__device__ __forceinline__ void mma_abt(const __half* A, const __half* Bm, float* dst, int ld) {
-    constexpr int LDH = D + 8, WR = ROWS / 16, WC = 4 / WR, NK = TILE / WC;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, cq = lane & 3;
-    const int wr = warp % WR, wc = warp / WR, li = lane & 7, sel = lane >> 3;
-    float acc[NK / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < NK / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-#pragma unroll
-    for (int k0 = 0; k0 < D; k0 += 16) {
-        uint32_t a[4];
-        ldsm_x4(a, A + (wr * 16 + (sel & 1) * 8 + li) * LDH + k0 + (sel >> 1) * 8);
-#pragma unroll
-        for (int n2 = 0; n2 < NK / 16; ++n2) {
-            uint32_t bq[4];
-            ldsm_x4(bq, Bm + (wc * NK + n2 * 16 + (sel >> 1) * 8 + li) * LDH + k0 + (sel & 1) * 8);
-            mma16816(acc[2 * n2], a, bq);
-            mma16816(acc[2 * n2 + 1], a, bq + 2);
-        }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NK / 8; ++nt) {
-        float* s0 = dst + (wr * 16 + gq) * ld + wc * NK + nt * 8 + 2 * cq;
-        s0[0] = acc[nt][0];
-        s0[1] = acc[nt][1];
-        s0[8 * ld] = acc[nt][2];
-        s0[8 * ld + 1] = acc[nt][3];
-    }
-}
-
-// o (this warp's 16 rows x D/WC channels, registers) += P (ROWS x TILE, fp16) . V (TILE x D, fp16
-// rows). V is row-major [key][channel], so its fragments come in transposed (ldmatrix .trans).
-template <int D, int ROWS>
-__device__ __forceinline__ void mma_pv(float (*o)[4], const __half* Pm, const __half* Vm) {
-    constexpr int LDH = D + 8, LDP = TILE + 8, WR = ROWS / 16, WC = 4 / WR, ND = D / WC;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int wr = warp % WR, wc = warp / WR, li = lane & 7, sel = lane >> 3;
-#pragma unroll
-    for (int k0 = 0; k0 < TILE; k0 += 16) {
-        uint32_t a[4];
-        ldsm_x4(a, Pm + (wr * 16 + (sel & 1) * 8 + li) * LDP + k0 + (sel >> 1) * 8);
-#pragma unroll
-        for (int n2 = 0; n2 < ND / 16; ++n2) {
-            uint32_t bq[4];
-            ldsm_x4_trans(bq, Vm + (k0 + (sel & 1) * 8 + li) * LDH + wc * ND + n2 * 16 + (sel >> 1) * 8);
-            mma16816(o[2 * n2], a, bq);
-            mma16816(o[2 * n2 + 1], a, bq + 2);
-        }
-    }
-}
 
 template <int D, int METHOD, int KB, int VB, int ROWS>
 __global__ void __launch_bounds__(THREADS) attend(

@@ -125,4 +125,47 @@ __device__ __forceinline__ void decode_nf(__half* dst, int ld, const HalfRow<D, 
     }
 }
 
+// The cache methods, as the attention kernel's METHOD template argument (minikv/cuda/attention.py).
+enum Method { DENSE = 0, KIVI = 1, NQKV_TOKEN = 2, NQKV_CHANNEL = 3, PATTERN = 4 };
+
+
+// One chunk tile's share of this thread (half a token row), loaded a tile ahead into registers
+// as raw bits: nothing waits on these loads until the tile is decoded, so they overlap the
+// previous tile's scores, softmax and P.V.
+template <int D, int METHOD, int KB, int VB>
+struct ChunkTile {
+    minikv::HalfRow<D, KB> k;
+    minikv::HalfRow<D, VB> v;
+    __half v_scale, v_min, k_scale, k_min;  // this token's V scale/min; channel tid's chunk K scale/min
+    uint8_t k_pat, v_pat, v_mask;           // patternkv: pattern indices, the token's V mask byte
+    int c, t0;                              // chunk and first token in it
+    long long tok;                          // token slot of the tile's first key
+
+    __device__ __forceinline__ void load(int ct, int per_chunk, int G, long long bh, int n_chunks_cap,
+                                         const uint8_t* kc, const __half* ks, const __half* km, const uint8_t* vc,
+                                         const __half* vs, const __half* vm, const uint8_t* kidx,
+                                         const uint8_t* vidx, const uint8_t* vmask) {
+        const int t = threadIdx.x >> 1, half = threadIdx.x & 1;
+        c = ct / per_chunk;
+        t0 = (ct % per_chunk) * TILE;
+        tok = (bh * n_chunks_cap + c) * G + t0;
+        k.load(kc + tok * (D * KB / 8), t, half);
+        v.load(vc + tok * (D * VB / 8), t, half);
+        if constexpr (METHOD == KIVI || METHOD == PATTERN) {
+            v_scale = vs[tok + t];
+            v_min = vm[tok + t];
+            if (threadIdx.x < D) {
+                k_scale = ks[(bh * n_chunks_cap + c) * D + threadIdx.x];
+                k_min = km[(bh * n_chunks_cap + c) * D + threadIdx.x];
+            }
+        }
+        if constexpr (METHOD == PATTERN) {
+            k_pat = kidx[tok + t];
+            v_pat = vidx[tok + t];
+            const long long bit = tok - bh * n_chunks_cap * G + t;  // within the sequence's mask row
+            v_mask = vmask[bh * n_chunks_cap * G / 8 + (bit >> 3)];
+        }
+    }
+};
+
 }  // namespace minikv
