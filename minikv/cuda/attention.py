@@ -62,6 +62,7 @@ class FusedAttention:
         self._null_f = cp.zeros(16, np.float32)
         self._kernels: dict = {}
         self._reduce = kernel("attention", "attend_reduce")
+        self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
 
     def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int):
         key = (method, kb, vb, rows)
@@ -98,8 +99,10 @@ class FusedAttention:
         # to half the time), keeping >= 4 tiles per block to amortise the merge.
         per_sm = min(self.smem_sm // (smem + 1024), self.regs_sm // (kern.num_regs * THREADS), 16)
         n_split = max(1, min(max(1, per_sm) * self.sms // blocks, -(-max(tiles, 1) // 4)))
-        ri = cp.asarray(np.ascontiguousarray(rowinfo, dtype=np.int32))
-        check("rowinfo", ri, np.int32, (B, 6))
+        host = np.ascontiguousarray(rowinfo, dtype=np.int32)
+        if host.tobytes() != self._rowinfo[0]:
+            self._rowinfo = (host.tobytes(), cp.asarray(host))
+        ri = check("rowinfo", self._rowinfo[1], np.int32, (B, 6))
         sink_k, sink_v = sinks if sinks is not None else (self._null_h, self._null_h)
         win_k, win_v = window if window is not None else (self._null_h, self._null_h)
         for name, a in (("sink k", sink_k), ("sink v", sink_v), ("window k", win_k), ("window v", win_v)):
