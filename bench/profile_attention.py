@@ -1,6 +1,6 @@
 """One decode-step attention launch to profile with Nsight Compute:
 
-    ncu --set detailed -k regex:attend --launch-skip 3 --launch-count 1 python3 bench/profile_attention.py kivi:2 8 131072
+    ncu --set detailed -k regex:attend_decode --launch-skip 3 --launch-count 1 python3 bench/profile_attention.py kivi:2 8 131072
 """
 import sys
 

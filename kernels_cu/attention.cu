@@ -22,10 +22,6 @@
 
 using namespace minikv;
 
-// rowinfo (B, 6) int32 per sequence: sinks, chunks, window tokens, step tokens, step offset
-// (for the dense cache the step's keys sit in the same buffer, after the history), patterns.
-struct Row { int sinks, chunks, window, step, step_off, patterns; };
-
 constexpr int THREADS = 128;
 
 template <int D, int ROWS>

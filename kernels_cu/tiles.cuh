@@ -128,6 +128,10 @@ __device__ __forceinline__ void decode_nf(__half* dst, int ld, const HalfRow<D, 
 // The cache methods, as the attention kernel's METHOD template argument (minikv/cuda/attention.py).
 enum Method { DENSE = 0, KIVI = 1, NQKV_TOKEN = 2, NQKV_CHANNEL = 3, PATTERN = 4 };
 
+// rowinfo (B, 6) int32 per sequence: sinks, chunks, window tokens, step tokens, step offset
+// (for the dense cache the step's keys sit in the same buffer, after the history), patterns.
+struct Row { int sinks, chunks, window, step, step_off, patterns; };
+
 
 // One chunk tile's share of this thread (half a token row), loaded a tile ahead into registers
 // as raw bits: nothing waits on these loads until the tile is decoded, so they overlap the

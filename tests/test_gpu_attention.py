@@ -11,8 +11,11 @@ from minikv.kv.base import KVGeometry
 
 pytestmark = pytest.mark.gpu
 
-SPECS = ["fp16", "kivi:2", "kivi:3,vbits=4", "kivi:8", "nqkv:2", "nqkv:4,kaxis=channel,bs=32", "patternkv:2",
-         "patternkv:3,sink=5,r=192", "patternkv:2,mmax=33,g=64,r=64"]
+SPECS = ["fp16", "kivi:2", "kivi:3,vbits=4", "kivi:4,sink=3", "kivi:8", "nqkv:2", "nqkv:4,kaxis=channel,bs=32",
+         "patternkv:2", "patternkv:3,sink=5,r=192", "patternkv:2,mmax=33,g=64,r=64", "patternkv:4,vbits=2,sink=2"]
+# what decode.cu takes (steps of <= 8 query rows per kv head); the rest run attention.cu
+DECODE_SPECS = ["fp16", "kivi:2", "kivi:4,sink=3", "kivi:8", "patternkv:2", "patternkv:2,mmax=33,g=64,r=64",
+                "patternkv:4,vbits=2,sink=2"]
 
 
 def structured(rng, B, Hkv, T, D):
@@ -24,9 +27,10 @@ def structured(rng, B, Hkv, T, D):
     return x.astype(np.float16)
 
 
-def build(spec, B, H, Hkv, D, lengths, step, seed):
+def build(spec, B, H, Hkv, D, lengths, step, seed, growth=1.0):
     """A cache (reference attention, so `reconstruct` is exact) holding `lengths` tokens per
-    sequence, fed as a prefill then one decode step, then begun on a step of `step` tokens."""
+    sequence, fed as a prefill then one decode step, then begun on a step of `step` tokens.
+    growth: keys scaled from 1 up to this along the sequence (scores whose max keeps rising)."""
     import cupy as cp
 
     be = get_backend("cuda")
@@ -35,6 +39,7 @@ def build(spec, B, H, Hkv, D, lengths, step, seed):
     cache = make_cache(spec, geom, B, max(lengths) + step + 8, be, attention="reference")
     total = max(lengths) + step
     K, V = structured(rng, B, Hkv, total, D), structured(rng, B, Hkv, total, D)[..., ::-1].copy()
+    K = (K * np.linspace(1.0, growth, total)[:, None]).astype(np.float16)
     for n in ([min(l, 300) for l in lengths], [l - min(l, 300) for l in lengths]):
         T = max(max(n), 1)
         cache.begin_step(n)
@@ -101,6 +106,23 @@ def test_fused_attention_matches_exact(spec, D, H, Hkv, step):
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"{spec} D={D} H={H}/{Hkv} step={step}: rel err {err:.1e}")
     assert np.isfinite(got).all() and err < 4e-3  # fp16 tiles and probabilities, fp32 accumulation
+
+
+@pytest.mark.parametrize("spec", DECODE_SPECS)
+@pytest.mark.parametrize("D,H,Hkv,step", [(128, 32, 8, 1), (64, 9, 3, 2), (128, 4, 4, 8), (64, 8, 1, 1)])
+@pytest.mark.parametrize("decode", [True, False])
+def test_decode_steps_both_kernels(spec, D, H, Hkv, step, decode):
+    """Decode-shaped steps through decode.cu and, forced, through attention.cu; keys whose
+    scores keep growing along the sequence make decode.cu's lazy softmax rescale mid-stream."""
+    from minikv.cuda.attention import FusedAttention
+
+    cache, q, k, v = build(spec, 2, H, Hkv, D, [1500, 611], step, seed=D + step, growth=4.0)
+    cache.fused = FusedAttention(get_backend("cuda").xp, D, decode=decode)
+    got = getattr(cache, "_attend", cache.attend)(0, q).get().astype(np.float64)
+    want = exact(cache, q, k, v)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{spec} D={D} H={H}/{Hkv} step={step} decode={decode}: rel err {err:.1e}")
+    assert np.isfinite(got).all() and err < 4e-3
 
 
 def test_fused_attention_long_context_many_splits():

@@ -1,6 +1,8 @@
-"""The fused attention kernel (kernels_cu/attention.cu): one launch over every segment of a
-cache (sinks | quantized chunks | window | this step), split across thread blocks along the
-keys, then one launch merging the splits."""
+"""The fused attention kernels: one launch over every segment of a cache (sinks | quantized
+chunks | window | this step), split across thread blocks along the keys, then one launch
+merging the splits. Steps with at most 8 query rows per kv head (decode) whose codes are 2, 4
+or 8 bits run kernels_cu/decode.cu (register-resident tiles); everything else (prefill, chunked
+scoring, 3-bit and nqkv codes) runs kernels_cu/attention.cu (shared-memory tiles)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +22,18 @@ def smem_bytes(D: int, rows: int, mmax: int = 0) -> int:
     ldh, lds, ldp, mp = D + 8, TILE + 4, TILE + 8, -(-mmax // 64) * 64
     return (2 * al(rows * ldh * 2) + 2 * al(TILE * ldh * 2) + al(rows * lds * 4) + al(rows * ldp * 2)
             + al(rows * 5 * 4) + al((2 * D + 32) * 4) + al(TILE * 5 * 4) + 2 * al(rows * mp * 4))
+
+
+DECODE_WARPS, DECODE_ROWS = 4, 8
+DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4)}
+
+
+def decode_smem_bytes(D: int, patterns: bool, mp: int) -> int:
+    """Shared memory of attend_decode<D, ...>: mirrors DLayout<D>::bytes in decode.cu."""
+    al = lambda x: (x + 127) // 128 * 128  # noqa: E731
+    W, R = DECODE_WARPS, DECODE_ROWS
+    qc = 2 * al(R * D * 2) + al(W * 4 * D * 2) + al(W * R * D * 4) + al((W * 4 + 1) * R * 4)
+    return qc + al(R * mp * 4) if patterns else qc
 
 
 @dataclass
@@ -48,7 +62,12 @@ class Storage:
 
 
 class FusedAttention:
-    def __init__(self, cp, head_dim: int):
+    """decode: route steps of <= 8 query rows per kv head to the register-tile kernel where the
+    method allows (False: always the shared-memory-tile kernel; tests compare both).
+    groups: 16-key groups each warp of the decode kernel loads a step ahead (None: 4, or 2 for
+    patternkv, whose kernel runs out of registers at 4)."""
+
+    def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None):
         if head_dim not in (64, 128):
             raise ValueError(f"the fused attention kernel takes head_dim 64 or 128, not {head_dim}")
         self.cp, self.D = cp, head_dim
@@ -61,13 +80,18 @@ class FusedAttention:
         self._null_b = cp.zeros(8, np.uint8)
         self._null_f = cp.zeros(16, np.float32)
         self._kernels: dict = {}
+        self.decode, self.groups = decode, groups
         self._reduce = kernel("attention", "attend_reduce")
         self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
 
     def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int):
-        key = (method, kb, vb, rows)
+        """rows: 16 or 64 (attention.cu's row tile), 0 for decode.cu's kernel."""
+        key = (method, kb, vb, rows, self.groups)
         if key not in self._kernels:
-            self._kernels[key] = kernel("attention", f"attend<{self.D}, {METHODS[method]}, {kb}, {vb}, {rows}>")
+            m = METHODS[method]
+            ng = self.groups or (2 if method == "patternkv" else 4)
+            self._kernels[key] = (kernel("decode", f"attend_decode<{self.D}, {m}, {kb}, {vb}, {ng}>") if rows == 0
+                                  else kernel("attention", f"attend<{self.D}, {m}, {kb}, {vb}, {rows}>"))
         k = self._kernels[key]
         if k.max_dynamic_shared_size_bytes < smem:
             k.max_dynamic_shared_size_bytes = smem
@@ -90,15 +114,20 @@ class FusedAttention:
         g = H // Hkv
         # patternkv's per-block tables hold as many patterns as the fullest sequence has
         mp = -(-int(np.max(rowinfo[:, 5])) // 64) * 64 if s.method == "patternkv" else 0
-        rows = 16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64
-        smem = smem_bytes(D, rows, mp)
-        row_tiles = -(-g * T // rows)
+        ok_bits = DECODE_BITS.get(s.method, ())
+        if self.decode and g * T <= DECODE_ROWS and s.kbits in ok_bits and s.vbits in ok_bits:
+            rows, smem, threads = 0, decode_smem_bytes(D, s.method == "patternkv", mp), DECODE_WARPS * 32
+            row_tiles, min_tiles = 1, 2 * DECODE_WARPS  # >= 2 tiles (128 keys) per warp
+        else:
+            rows = 16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64
+            smem, threads = smem_bytes(D, rows, mp), THREADS
+            row_tiles, min_tiles = -(-g * T // rows), 4  # >= 4 tiles per block amortise the merge
         blocks = B * Hkv * row_tiles
         kern = self._kernel(s.method, s.kbits, s.vbits, rows, smem)
         # Split the keys so that all blocks run in one wave (a partial second wave can cost up
-        # to half the time), keeping >= 4 tiles per block to amortise the merge.
-        per_sm = min(self.smem_sm // (smem + 1024), self.regs_sm // (kern.num_regs * THREADS), 16)
-        n_split = max(1, min(max(1, per_sm) * self.sms // blocks, -(-max(tiles, 1) // 4)))
+        # to half the time).
+        per_sm = min(self.smem_sm // (smem + 1024), self.regs_sm // (kern.num_regs * threads), 16)
+        n_split = max(1, min(max(1, per_sm) * self.sms // blocks, -(-max(tiles, 1) // min_tiles)))
         host = np.ascontiguousarray(rowinfo, dtype=np.int32)
         if host.tobytes() != self._rowinfo[0]:
             self._rowinfo = (host.tobytes(), cp.asarray(host))
@@ -112,7 +141,7 @@ class FusedAttention:
         ml_part = cp.empty((n_split, B, H, T, 2), np.float32)
         e = 2  # bytes per fp16 element: CuPy strides are in bytes
         kern(
-            (n_split, Hkv * row_tiles, B), (THREADS,),
+            (n_split, Hkv * row_tiles, B), (threads,),
             (q, np.int64(q.strides[0] // e), np.int64(q.strides[1] // e), np.int64(q.strides[2] // e),
              i32(H), i32(Hkv), i32(T), f32(scale), ri,
              sink_k, sink_v, i32(sink_k.shape[2] if sinks is not None else 0),
