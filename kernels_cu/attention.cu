@@ -43,18 +43,7 @@ struct Smem {  // offsets (bytes) of the shared-memory regions, each 128-byte al
 };
 
 template <int D, int METHOD, int KB, int VB, int ROWS>
-__global__ void __launch_bounds__(THREADS) attend(
-    const __half* __restrict__ q, long long q_sb, long long q_sh, long long q_st,  // (B, H, T, D) strided
-    int H, int Hkv, int T, float scale, const int* __restrict__ rowinfo,
-    const __half* sink_k, const __half* sink_v, int sink_cap,       // (B, Hkv, sink_cap, D)
-    const __half* win_k, const __half* win_v, int win_cap,          // (B, Hkv, win_cap, D)
-    const __half* step_k, const __half* step_v, long long s_sb, long long s_sh, long long s_st,
-    const uint8_t* kc, const __half* ks, const __half* km,          // K codes and scales/mins/absmax
-    const uint8_t* vc, const __half* vs, const __half* vm,          // V codes and scales/mins/absmax
-    int n_chunks_cap, int G, int bs, const float* levels_k, const float* levels_v,
-    const uint8_t* kidx, const uint8_t* vidx, const uint8_t* vmask, const __half* kpat,
-    const __half* vpat, int mmax, int mp,  // pattern storage stride; table width (max patterns, to 64)
-    float* __restrict__ o_part, float* __restrict__ ml_part) {   // (splits, B, H, T, D), (splits, B, H, T, 2)
+__global__ void __launch_bounds__(THREADS) attend(MINIKV_ATTEND_PARAMS) {
     using L = Smem<D, ROWS>;
     // Folded kernels: the tiles hold raw codes, exact in fp16 for codes of at most 8 bits.
     constexpr bool FOLD = METHOD == PATTERN || (METHOD == KIVI && KB <= 8 && VB <= 8);

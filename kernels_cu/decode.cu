@@ -217,18 +217,7 @@ __device__ __forceinline__ void dense_scores(float* s, const Raw<D / 2> (&k)[2],
 }
 
 template <int D, int METHOD, int KB, int VB, int NG>
-__global__ void __launch_bounds__(DW * 32) attend_decode(
-    const __half* __restrict__ q, long long q_sb, long long q_sh, long long q_st,  // (B, H, T, D) strided
-    int H, int Hkv, int T, float scale, const int* __restrict__ rowinfo,
-    const __half* sink_k, const __half* sink_v, int sink_cap,       // (B, Hkv, sink_cap, D)
-    const __half* win_k, const __half* win_v, int win_cap,          // (B, Hkv, win_cap, D)
-    const __half* step_k, const __half* step_v, long long s_sb, long long s_sh, long long s_st,
-    const uint8_t* __restrict__ kc, const __half* __restrict__ ks, const __half* __restrict__ km,
-    const uint8_t* __restrict__ vc, const __half* __restrict__ vs, const __half* __restrict__ vm,
-    int n_chunks_cap, int G, int bs, const float* levels_k, const float* levels_v,
-    const uint8_t* __restrict__ kidx, const uint8_t* __restrict__ vidx, const uint8_t* __restrict__ vmask,
-    const __half* kpat, const __half* vpat, int mmax, int mp,
-    float* __restrict__ o_part, float* __restrict__ ml_part) {  // (splits, B, H, T, D), (splits, B, H, T, 2)
+__global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
     using L = DLayout<D>;
     constexpr bool QUANT = METHOD != DENSE, PAT = METHOD == PATTERN;
     constexpr int NK = D / 16, NT = DW * 32;

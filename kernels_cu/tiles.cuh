@@ -132,6 +132,23 @@ enum Method { DENSE = 0, KIVI = 1, NQKV_TOKEN = 2, NQKV_CHANNEL = 3, PATTERN = 4
 // (for the dense cache the step's keys sit in the same buffer, after the history), patterns.
 struct Row { int sinks, chunks, window, step, step_off, patterns; };
 
+// The argument list of both fused attention kernels (attention.cu, decode.cu): the Python
+// wrapper passes one tuple to whichever it launches.
+#define MINIKV_ATTEND_PARAMS                                                                         \
+    const __half *__restrict__ q, long long q_sb, long long q_sh, long long q_st, /* (B,H,T,D) */    \
+        int H, int Hkv, int T, float scale, const int *__restrict__ rowinfo,                         \
+        const __half *sink_k, const __half *sink_v, int sink_cap,  /* (B, Hkv, sink_cap, D) */      \
+        const __half *win_k, const __half *win_v, int win_cap,     /* (B, Hkv, win_cap, D) */       \
+        const __half *step_k, const __half *step_v, long long s_sb, long long s_sh, long long s_st, \
+        const uint8_t *__restrict__ kc, const __half *__restrict__ ks, const __half *__restrict__ km, \
+        const uint8_t *__restrict__ vc, const __half *__restrict__ vs, const __half *__restrict__ vm, \
+        int n_chunks_cap, int G, int bs, const float *levels_k, const float *levels_v,              \
+        const uint8_t *__restrict__ kidx, const uint8_t *__restrict__ vidx,                         \
+        const uint8_t *__restrict__ vmask, const __half *kpat, const __half *vpat,                  \
+        int mmax, /* pattern storage stride */ int mp, /* pattern table width */                    \
+        float *__restrict__ o_part, /* (splits, B, H, T, D) */                                      \
+        float *__restrict__ ml_part /* (splits, B, H, T, 2) */
+
 
 // One chunk tile's share of this thread (half a token row), loaded a tile ahead into registers
 // as raw bits: nothing waits on these loads until the tile is decoded, so they overlap the
