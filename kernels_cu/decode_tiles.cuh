@@ -1,0 +1,199 @@
+// Per-lane pieces of the decode attention kernel (decode.cu): shared-memory layout, the warp's
+// softmax/output state, the step loaders for quantized and fp16 keys, and the builders of mma
+// operand fragments. Lane (g = lane/4, c = lane%4) holds keys 2g, 2g+1 x channels
+// [c D/4, (c+1) D/4) for scores, keys 4c..4c+3 x channels [g D/8, (g+1) D/8) for P.V.
+#pragma once
+#include "frag.cuh"
+
+namespace minikv {
+
+constexpr int DW = 4;             // warps per block
+constexpr int NR = 8;             // query rows per kv head (the mma's N)
+constexpr float RESCALE = 8.0f;   // log2 growth of a row's max that forces a rescale
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+template <int D>
+struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored in cuda/attention.py
+    __host__ __device__ static constexpr int al(int x) { return (x + 127) / 128 * 128; }
+    static constexpr int QF = 0;                                // (NR, D) fp16 q, channel order
+    static constexpr int QQ = QF + al(NR * D * 2);              // (NR, 4, D/8) half2 q, quantized-K pair order
+    static constexpr int SC = QQ + al(NR * D * 2);              // (DW, 2, 2, D) fp16: two chunks' K scales, mins
+    static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, D) float: the warps' outputs
+    static constexpr int MS = MO + al(DW * NR * D * 4);         // (DW, 4, NR) + (NR) float: max, sum, sum p m_V, factor
+    static constexpr int QC = MS + al((DW * 4 + 1) * NR * 4);   // patternkv: (NR, mp) q . C_K, log2-scaled
+    __host__ __device__ static constexpr int bytes(bool pat, int mp) { return pat ? QC + al(NR * mp * 4) : QC; }
+};
+
+// First channel of quantized-K pair hp in lane column c: pair (w, j) of the lane's run holds
+// channels (w 2E + j, w 2E + E + j) of it (code_pairs), E = 16 / BITS.
+template <int D, int BITS>
+__device__ __forceinline__ int k_pair_lo(int c, int hp) {
+    constexpr int E = 16 / BITS;
+    return c * (D / 4) + (hp / E) * 2 * E + hp % E;
+}
+
+// One warp's running attention state: rows r0 = 2c, r1 = 2c + 1 of the kv head's 8.
+template <int D>
+struct Acc {
+    static constexpr int NK = D / 16;
+    float o[NK][4];  // O^T fragments: (r0, ch), (r1, ch), (r0, ch + D/16), (r1, ch + D/16), ch = g D/8 + mb
+    float m[2], l[2], pm[2];  // max (log2 units, warp-uniform), sum of p, sum of p * m_V (lane parts)
+
+    __device__ __forceinline__ void init() {
+#pragma unroll
+        for (int i = 0; i < NK; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+        m[0] = m[1] = -MINIKV_INF;
+        l[0] = l[1] = pm[0] = pm[1] = 0.0f;
+    }
+
+    // s (N groups; lane: keys 2g, 2g+1 x rows r0, r1, log2-scaled scores) -> probabilities, in
+    // place. MASKED: some scores may be -inf (else all are finite, and the first call sets m).
+    template <bool MASKED, int N>
+    __device__ __forceinline__ void probs(float (&s)[N][4]) {
+        float mx0 = -MINIKV_INF, mx1 = -MINIKV_INF;
+#pragma unroll
+        for (int q = 0; q < N; ++q) {
+            mx0 = fmaxf(mx0, fmaxf(s[q][0], s[q][2]));
+            mx1 = fmaxf(mx1, fmaxf(s[q][1], s[q][3]));
+        }
+        if (__any_sync(0xffffffffu, mx0 > m[0] + RESCALE || mx1 > m[1] + RESCALE)) {
+#pragma unroll
+            for (int x = 4; x < 32; x <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+            }
+            const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+            const float a0 = m[0] == -MINIKV_INF ? 0.0f : ex2(m[0] - n0);
+            const float a1 = m[1] == -MINIKV_INF ? 0.0f : ex2(m[1] - n1);
+#pragma unroll
+            for (int i = 0; i < NK; ++i) {
+                o[i][0] *= a0, o[i][2] *= a0;
+                o[i][1] *= a1, o[i][3] *= a1;
+            }
+            l[0] *= a0, pm[0] *= a0, l[1] *= a1, pm[1] *= a1;
+            m[0] = n0, m[1] = n1;
+        }
+#pragma unroll
+        for (int q = 0; q < N; ++q) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float e = ex2(s[q][j] - m[j & 1]);  // ex2(-inf) = 0, but -inf - -inf is NaN
+                s[q][j] = MASKED && s[q][j] == -MINIKV_INF ? 0.0f : e;
+            }
+        }
+    }
+
+    // O^T += V^T P^T for one group: p = (key 2g: r0, r1; key 2g+1: r0, r1) already times the V
+    // scales; va[mb] = V^T's A fragments of channel block mb.
+    __device__ __forceinline__ void pv(const float* p, const uint32_t (&va)[NK][4]) {
+        const uint32_t b[2] = {movtrans(h2u(__floats2half2_rn(p[0], p[1]))),
+                               movtrans(h2u(__floats2half2_rn(p[2], p[3])))};
+#pragma unroll
+        for (int mb = 0; mb < NK; ++mb) mma16816(o[mb], va[mb], b);
+    }
+};
+
+// NG groups of 16 quantized keys, as this lane loads them (a step ahead of their use).
+template <int D, int KB, int VB, bool PAT, int NG>
+struct QStep {
+    static constexpr int KBY = D * KB / 32, VBY = D * VB / 64;  // bytes per key: scores lane, P.V lane
+    Raw<KBY> k[NG][2];  // keys 2g, 2g+1; channels [c D/4, (c+1) D/4)
+    Raw<VBY> v[NG][4];  // keys 4c..4c+3; channels [g D/8, (g+1) D/8)
+    uint32_t vs[NG], vm[NG];  // half2: V scale and min of keys 2g, 2g+1
+    uint32_t kx[NG];           // patternkv: K patterns of keys 2g, 2g+1 (a byte each)
+    uint32_t vx[NG], mk[NG];   // patternkv: V patterns of keys 4c..4c+3 (a byte each), their V mask bits
+
+    // tok: storage slot of the first key; bit: its index in the sequence's mask row
+    __device__ __forceinline__ void load(long long tok, int bit, const uint8_t* kc, const uint8_t* vc,
+                                         const __half* vsp, const __half* vmp, const uint8_t* kidx,
+                                         const uint8_t* vidx, const uint8_t* mask_row) {
+        const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int q = 0; q < NG; ++q) {
+            const long long t = tok + 16 * q;
+            k[q][0].load(kc + (t + 2 * g) * (D * KB / 8) + c * KBY);
+            k[q][1].load(kc + (t + 2 * g + 1) * (D * KB / 8) + c * KBY);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v[q][j].load(vc + (t + 4 * c + j) * (D * VB / 8) + g * VBY);
+            vs[q] = __ldcs(reinterpret_cast<const unsigned int*>(vsp + t + 2 * g));
+            vm[q] = __ldcs(reinterpret_cast<const unsigned int*>(vmp + t + 2 * g));
+            if constexpr (PAT) {
+                kx[q] = *reinterpret_cast<const uint16_t*>(kidx + t + 2 * g);
+                vx[q] = *reinterpret_cast<const uint32_t*>(vidx + t + 4 * c);
+                const int bq = bit + 16 * q + 4 * c;  // a multiple of 4: the 4 bits share a byte
+                mk[q] = (mask_row[bq >> 3] >> (bq & 7)) & 0xfu;
+            }
+        }
+    }
+};
+
+// One group of 16 fp16 keys (sinks, window, this step's keys, the dense cache).
+template <int D>
+struct FStep {
+    Raw<D / 2> k[2];  // keys 2g, 2g+1; channels [c D/4, (c+1) D/4)
+    Raw<D / 4> v[4];  // keys 4c..4c+3; channels [g D/8, (g+1) D/8)
+    // rows of `n` valid keys from key0, `stride` halves apart
+    __device__ __forceinline__ void load(const __half* kp, const __half* vp, long long stride, int key0, int n) {
+        const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int key = key0 + 2 * g + j;
+            if (key < n) k[j].load(kp + key * stride + c * (D / 4));
+            else k[j].zero();
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int key = key0 + 4 * c + j;
+            if (key < n) v[j].load(vp + key * stride + g * (D / 8));
+            else v[j].zero();  // zeros, not garbage: p = 0 times NaN would still be NaN
+        }
+    }
+};
+
+// V^T A fragments from key pairs (4c, 4c+2) and (4c+1, 4c+3): channel n of the lane's run
+// goes to block n % (D/16), row half n / (D/16).
+template <int D, int BITS, int NH>
+__device__ __forceinline__ void v_fragments(uint32_t (&va)[D / 16][4], const uint32_t* a, const uint32_t* b,
+                                            const uint32_t* c, const uint32_t* d) {
+    constexpr int NK = D / 16;
+#pragma unroll
+    for (int i = 0; i < NH; ++i) {  // 16-bit halves of the lane's run
+        const uint32_t x = halves(a, b, i), y = halves(c, d, i);
+        if constexpr (BITS == 16) {
+            va[i % NK][i / NK] = x;
+            va[i % NK][2 + i / NK] = y;
+        } else {
+            constexpr int E = 16 / BITS;
+            const uint32_t x8 = x >> 8, y8 = y >> 8;
+#pragma unroll
+            for (int j = 0; j < E; ++j) {
+                const int n = i * E + j;
+                va[n % NK][n / NK] = code_pair<BITS>(x, x8, j);
+                va[n % NK][2 + n / NK] = code_pair<BITS>(y, y8, j);
+            }
+        }
+    }
+}
+
+// The lane's fragments of fp16 q rows (channel order) as the scores' B operand.
+template <int D>
+__device__ __forceinline__ void q_fragments(uint32_t (&bf)[D / 16][2], const __half* Qf) {
+    constexpr int NK = D / 16;
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(Qf) + g * (D / 2) + c * (D / 8);
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) bf[kk][0] = w[kk], bf[kk][1] = w[NK + kk];
+}
+
+// S^T (16 keys x 8 rows, accumulated into s) of a group of fp16 keys held as FStep::k.
+template <int D>
+__device__ __forceinline__ void dense_scores(float* s, const Raw<D / 2> (&k)[2], const uint32_t (&bf)[D / 16][2]) {
+    constexpr int NK = D / 16;
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+        const uint32_t a[4] = {k[0].w[kk], k[1].w[kk], k[0].w[NK + kk], k[1].w[NK + kk]};
+        mma16816(s, a, bf[kk]);
+    }
+}
+
+}  // namespace minikv
