@@ -121,6 +121,57 @@ def prefill_overhead(backend, specs, T=8192):
     return out
 
 
+def prefill_breakdown(backend, spec, T=8192):
+    """Where a quantized prefill's extra time goes: inclusive seconds in the cache's commit, its
+    flush and the quantizer functions it calls (each call synchronised, so the sum is slower
+    than the plain prefill)."""
+    from collections import defaultdict
+
+    from minikv.kv import make_cache
+    from minikv.synthetic import synthetic_model
+
+    cp = backend.xp
+    model = synthetic_model("llama-3.1-8b", backend)
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=(1, T))
+    model.forward(ids, make_cache(spec, model.kv_geometry, 1, T + 8, backend))  # compile, warm up
+    cache = make_cache(spec, model.kv_geometry, 1, T + 8, backend)
+    spent, undo = defaultdict(float), []
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+
+        def timed_call(*a, **k):
+            cp.cuda.Stream.null.synchronize()
+            t = time.perf_counter()
+            r = f(*a, **k)
+            cp.cuda.Stream.null.synchronize()
+            spent[label] += time.perf_counter() - t
+            return r
+
+        undo.append((obj, name, f))
+        setattr(obj, name, timed_call)
+
+    wrap(cache, "commit", "commit (all of the cache's storing)")
+    wrap(cache, "_flush", "  _flush")
+    if hasattr(cache, "_assign"):
+        wrap(cache, "_assign", "    _assign")
+    for mod in (getattr(cache, "q", None), getattr(cache, "pm", None)):
+        for name in ("quantize_k_chunks", "quantize_v_tokens", "kmeans", "nearest_l2", "v_use_residual"):
+            if mod is not None and hasattr(mod, name):
+                wrap(mod, name, f"      {name}" if name in ("kmeans", "nearest_l2") else f"    {name}")
+    cp.cuda.Stream.null.synchronize()
+    t = time.perf_counter()
+    model.forward(ids, cache)
+    cp.cuda.Stream.null.synchronize()
+    total = time.perf_counter() - t
+    for obj, name, f in undo:
+        if name in vars(obj) and obj is not cache:
+            setattr(obj, name, f)
+    print(f"\n{spec} prefill breakdown, {T} tokens (synchronised calls), total {total * 1e3:.1f} ms:")
+    for label, sec in spent.items():
+        print(f"  {label:40} {sec * 1e3:8.1f} ms")
+
+
 def main():
     from minikv.backend import get_backend
 
@@ -129,6 +180,7 @@ def main():
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--kv", nargs="+", default=["fp16", "kivi:2", "patternkv:2", "nqkv:2", "kivi:4"])
     ap.add_argument("--prefill", nargs="*", default=["fp16", "kivi:2", "patternkv:2"])
+    ap.add_argument("--breakdown", nargs="*", default=[], help="kv specs whose prefill cost to break down")
     ap.add_argument("--groups", type=int, default=None,
                     help="16-key groups a decode-kernel warp loads ahead (default: the runtime's choice)")
     args = ap.parse_args()
@@ -152,6 +204,8 @@ def main():
                 print(f"| `{spec}` | {B} | {ctx} | {t_step * 1e6:.1f} | {t * 1e6:.1f} | {nbytes / 1e6:.1f} | {gbs:.0f} | "
                       f"{100 * gbs / bw:.0f}% | {speed} |", flush=True)
                 cp.get_default_memory_pool().free_all_blocks()
+    for spec in args.breakdown:
+        prefill_breakdown(be, spec)
     if args.prefill:
         times = prefill_overhead(be, args.prefill)
         print(f"\nprefill of 8192 tokens, random-weight Llama-3.1-8B, batch 1:")

@@ -17,8 +17,8 @@
 namespace {
 
 constexpr unsigned FULL = 0xffffffffu;
-constexpr int CH = 32;     // centres per shared-memory chunk (km_assign)
-constexpr int ACC = 5120;  // doubles of per-block cluster sums in shared memory (km_sums)
+constexpr int U = 8;       // independent loads a thread issues before using them
+constexpr int CH = 32;     // centres per shared-memory chunk (nearest; km_step's sums where m <= CH)
 constexpr int TT = 16;     // tokens per block (minmax_assign)
 constexpr int NONE = 0x7fffffff;  // index of no candidate (after every real one)
 
@@ -180,31 +180,34 @@ __global__ void __launch_bounds__(256) km_seed(const float* __restrict__ x, int 
     if (threadIdx.x == 0) cand_v[o] = bv, cand_i[o] = bi;
 }
 
-// The nearest centre per point; thread per point, grid (ceil(P / 128), N), 128 threads. Centres
-// go through shared memory CH at a time as float64, with numpy's pairwise |c|^2.
-// KM (a KMeans step): cen (N, M, D) float64, d = (x2 - 2 x.c) + |c|^2; writes a32 (N, P) int32
-// and far (N, P) = the winning distance; sets with active[set] == 0 are skipped.
-// !KM (nearest_l2): cen (N, M, D) float32, d = |c|^2 - 2 x.c; writes a64 (N, P) int64.
+// The nearest centre of this thread's point (thread per point, a 128-thread block's points
+// [blockIdx.x * 128, +128) of set blockIdx.y). Centres go through shared memory CH at a time as
+// float64, with numpy's pairwise |c|^2. KM (a KMeans step): cen (N, M, D) float64,
+// d = (x2 - 2 x.c) + |c|^2; !KM (nearest_l2): cen float32, d = |c|^2 - 2 x.c. Every thread of
+// the block must call it (it syncs); returns (distance, index) through best / bj.
 template <int D, bool KM>
-__global__ void __launch_bounds__(128) km_assign(const float* __restrict__ x, int P, const void* cen, int M,
-                                                 const double* x2, const int* active, int* a32, double* far,
-                                                 long long* a64) {
-    __shared__ __align__(16) double cs[CH][D];
-    __shared__ double c2[CH];
+__device__ __forceinline__ void nearest(const float* __restrict__ x, int P, const void* cen, int M, const double* x2,
+                                        double (&cs)[CH][D], double* c2, double& best, int& bj) {
     const int set = blockIdx.y, p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (KM && !active[set]) return;
     const bool ok = p < P;
     const float* xp = x + ((size_t)set * P + (ok ? p : 0)) * D;
     const double xx = KM && ok ? x2[(size_t)set * P + p] : 0.0;
-    double best = inf();
-    int bj = 0;
+    best = inf(), bj = 0;
     for (int j0 = 0; j0 < M; j0 += CH) {
         const int mc = min(CH, M - j0);
         __syncthreads();  // the previous chunk is done with
-        for (int e = threadIdx.x; e < CH * D; e += blockDim.x) {
-            const size_t src = ((size_t)set * M + j0) * D + e;
-            (&cs[0][0])[e] = e >= mc * D ? 0.0 : KM ? static_cast<const double*>(cen)[src]
-                                                    : (double)static_cast<const float*>(cen)[src];
+        for (int e0 = threadIdx.x; e0 < CH * D; e0 += U * blockDim.x) {  // U loads in flight, then U stores
+            double v[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int e = e0 + u * blockDim.x;
+                const size_t src = ((size_t)set * M + j0) * D + e;
+                v[u] = e >= mc * D ? 0.0 : KM ? static_cast<const double*>(cen)[src]
+                                              : (double)static_cast<const float*>(cen)[src];
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (e0 + u * blockDim.x < CH * D) (&cs[0][0])[e0 + u * blockDim.x] = v[u];
         }
         __syncthreads();
         for (int j = threadIdx.x >> 3; j < CH; j += blockDim.x >> 3) {
@@ -216,12 +219,13 @@ __global__ void __launch_bounds__(128) km_assign(const float* __restrict__ x, in
 #pragma unroll 1
         for (int d = 0; d < D; d += 4) {
             const float4 xv = *reinterpret_cast<const float4*>(xp + d);
+            const double x0 = xv.x, x1 = xv.y, x2 = xv.z, x3 = xv.w;  // converted once, not per centre
 #pragma unroll
             for (int j = 0; j < CH; ++j) {
                 if (j >= mc) continue;
                 const double2 u = *reinterpret_cast<const double2*>(&cs[j][d]);
                 const double2 v = *reinterpret_cast<const double2*>(&cs[j][d + 2]);
-                acc[j] = __fma_rn(xv.w, v.y, __fma_rn(xv.z, v.x, __fma_rn(xv.y, u.y, __fma_rn(xv.x, u.x, acc[j]))));
+                acc[j] = __fma_rn(x3, v.y, __fma_rn(x2, v.x, __fma_rn(x1, u.y, __fma_rn(x0, u.x, acc[j]))));
             }
         }
 #pragma unroll
@@ -231,94 +235,151 @@ __global__ void __launch_bounds__(128) km_assign(const float* __restrict__ x, in
             if (j < mc && d < best) best = d, bj = j0 + j;
         }
     }
-    if (!ok) return;
-    const size_t o = (size_t)set * P + p;
-    if (KM) a32[o] = bj, far[o] = best;
-    else a64[o] = bj;
 }
 
-// Cluster sums (N, m, D) float64 and counts (N, m) int32 of the active sets; both are zero on
-// entry (km_update re-zeroes them). Grid (ceil(P / TP), N), D threads: thread d walks the block's
-// points. Per-block sums sit in shared memory where m * D <= ACC, else go to global atomics.
+// nearest_l2: the nearest of M float32 centres per point, a64 (N, P) int64. Grid
+// (ceil(P / 128), N), 128 threads.
 template <int D>
-__global__ void __launch_bounds__(D) km_sums(const float* __restrict__ x, int P, int m, int TP,
-                                             const int* __restrict__ a, const int* active, double* sums, int* counts) {
-    __shared__ double acc[ACC];
-    __shared__ int cnt[256];
-    const int set = blockIdx.y, d = threadIdx.x;
-    if (!active[set]) return;
-    const bool local = m * D <= ACC;
-    double* gs = sums + (size_t)set * m * D;
-    for (int e = d; local && e < m * D; e += D) acc[e] = 0.0;
-    for (int j = d; j < m; j += D) cnt[j] = 0;
-    __syncthreads();
-    const int p1 = min(P, (int)(blockIdx.x + 1) * TP);
-#pragma unroll 4
-    for (int p = blockIdx.x * TP; p < p1; ++p) {
-        const int j = a[(size_t)set * P + p];
-        const double v = x[((size_t)set * P + p) * D + d];
-        if (local) acc[j * D + d] += v;
-        else atomicAdd(gs + j * D + d, v);
-        if (d == 0) ++cnt[j];
-    }
-    __syncthreads();
-    for (int e = d; local && e < m * D; e += D)
-        if (cnt[e / D]) atomicAdd(gs + e, acc[e]);
-    for (int j = d; j < m; j += D)
-        if (cnt[j]) atomicAdd(counts + (size_t)set * m + j, cnt[j]);
+__global__ void __launch_bounds__(128) km_assign(const float* __restrict__ x, int P, const float* cen, int M,
+                                                 long long* a64) {
+    __shared__ __align__(16) double cs[CH][D];
+    __shared__ double c2[CH];
+    double best;
+    int bj;
+    nearest<D, false>(x, P, cen, M, nullptr, cs, c2, best, bj);
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p < P) a64[(size_t)blockIdx.y * P + p] = bj;
 }
 
-// The Lloyd update of one active set per block (256 threads = 32 groups of 8 lanes, m <= 256).
-// The k-th empty cluster (in index order) takes the k-th point in order of decreasing far
-// (ties: lower index; round k finds the first point after round k - 1's), the others
-// sums / counts. move = max_j |new_j - c_j|^2 (numpy pairwise); active = move > limit.
-// c (N, m, D) float64 is updated in place; sums and counts are zeroed for the next step.
+// The Lloyd update of one set by one block (after every point's assignment, m <= 256): the
+// k-th empty cluster (in index order) takes the k-th point in order of decreasing far (ties:
+// lower index; round k finds the first point after round k - 1's), the others sums / counts.
+// move = max_j |new_j - c_j|^2 (numpy pairwise); active = move > limit. c (N, m, D) float64 is
+// updated in place; sums and counts are zeroed for the next step. Other blocks wrote far, sums
+// and counts in this launch: they are read past L1 (__ldcg). diff: CH * D doubles of scratch.
 template <int D>
-__global__ void __launch_bounds__(256) km_update(const float* __restrict__ x, int P, int m, const double* far,
-                                                 const double* limit, double* c, double* sums, int* counts,
-                                                 int* active) {
-    __shared__ int rank[256], pick[256], n_empty, si[32];
+__device__ void lloyd_update(const float* __restrict__ x, int P, int m, int set, const double* far,
+                             const double* limit, double* c, double* sums, int* counts, int* active, double* diff) {
+    __shared__ int n_of[256], rank[256], pick[256], warp_empty[32], si[32];
     __shared__ double sv[32];
-    const int set = blockIdx.x;
-    if (!active[set]) return;
-    const int* cnt = counts + (size_t)set * m;
-    if (threadIdx.x == 0) {
-        int e = 0;
-        for (int j = 0; j < m; ++j) rank[j] = cnt[j] == 0 ? e++ : -1;
-        n_empty = e;
+    int* cnt = counts + (size_t)set * m;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int n_empty = 0;  // rank[j]: empty clusters before j (a ballot prefix count per chunk)
+    for (int j0 = 0; j0 < m; j0 += blockDim.x) {
+        const int j = j0 + threadIdx.x;
+        const int n = j < m ? __ldcg(cnt + j) : 1;
+        const unsigned e = __ballot_sync(FULL, n == 0);
+        __syncthreads();  // warp_empty of the previous chunk is read
+        if (lane == 0) warp_empty[warp] = __popc(e);
+        __syncthreads();
+        int before = n_empty;
+        for (int v = 0; v < warp; ++v) before += warp_empty[v];
+        if (j < m) n_of[j] = n, rank[j] = n == 0 ? before + __popc(e & ((1u << lane) - 1)) : -1;
+        for (int v = 0; v < warps; ++v) n_empty += warp_empty[v];
     }
-    __syncthreads();
     const double* fs = far + (size_t)set * P;
     double pv = inf();
     int pi = -1;  // the previous round's pick
     for (int e = 0; e < n_empty; ++e) {
         double v = -inf();
         int i = NONE;
-        for (int p = threadIdx.x; p < P; p += blockDim.x)
-            if (first<true>(pv, pi, fs[p], p) && first<true>(fs[p], p, v, i)) v = fs[p], i = p;
+        for (int p = threadIdx.x; p < P; p += blockDim.x) {
+            const double f = __ldcg(fs + p);
+            if (first<true>(pv, pi, f, p) && first<true>(f, p, v, i)) v = f, i = p;
+        }
         block_first<true>(v, i, sv, si);
         pv = v, pi = i;
         if (threadIdx.x == 0) pick[e] = i;
     }
     __syncthreads();
     double move = 0.0;
-    for (int j0 = 0; j0 < m; j0 += 32) {
-        const int j = min(j0 + (int)(threadIdx.x >> 3), m - 1);
-        const bool ok = j0 + (int)(threadIdx.x >> 3) < m;
-        const int n = cnt[j];
-        double* cj = c + ((size_t)set * m + j) * D;
-        double* sj = sums + ((size_t)set * m + j) * D;
-        const float* xj = x + ((size_t)set * P + (n ? 0 : pick[rank[j]])) * D;
-        const double mv = sq8<D>([&](int i) {  // |new - c|^2, writing new over c
-            if (!ok) return 0.0;
-            const double nw = n ? __ddiv_rn(sj[i], (double)n) : (double)xj[i], diff = __dsub_rn(nw, cj[i]);
-            cj[i] = nw, sj[i] = 0.0;
-            return diff;
-        });
-        move = mv > move ? mv : move;
+    double* cs = c + (size_t)set * m * D;
+    double* ss = sums + (size_t)set * m * D;
+    for (int j0 = 0; j0 < m; j0 += CH) {  // new centres and their differences, CH at a time
+        const int mc = min(CH, m - j0);
+        for (int e0 = threadIdx.x; e0 < mc * D; e0 += U * blockDim.x) {  // U loads in flight, then U stores
+            double sum[U], old[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int e = min(e0 + u * (int)blockDim.x, mc * D - 1), j = j0 + e / D, n = n_of[j];
+                sum[u] = n ? __ldcg(ss + (size_t)j0 * D + e) : (double)x[((size_t)set * P + pick[rank[j]]) * D + e % D];
+                old[u] = cs[(size_t)j0 * D + e];
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int e = e0 + u * blockDim.x, n = e < mc * D ? n_of[j0 + e / D] : 0;
+                if (e >= mc * D) break;
+                const double nw = n ? __ddiv_rn(sum[u], (double)n) : sum[u];
+                diff[e] = __dsub_rn(nw, old[u]);
+                cs[(size_t)j0 * D + e] = nw, ss[(size_t)j0 * D + e] = 0.0;
+            }
+        }
+        __syncthreads();
+        for (int j = threadIdx.x >> 3; j < CH; j += blockDim.x >> 3) {  // |new - c|^2, 8 lanes per centre
+            const double mv = sq8<D>([&](int i) { return j < mc ? diff[j * D + i] : 0.0; });
+            move = mv > move ? mv : move;
+        }
+        __syncthreads();
     }
     int unused = 0;
     block_first<true>(move, unused, sv, si);  // the block's max
-    for (int j = threadIdx.x; j < m; j += blockDim.x) counts[(size_t)set * m + j] = 0;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) cnt[j] = 0;
     if (threadIdx.x == 0) active[set] = move > limit[set];
+}
+
+// One Lloyd step of the active sets in one launch. Grid (ceil(P / 128), N), 128 threads, a
+// thread per point: the nearest centre (a (N, P) int32, far (N, P) its distance), then the
+// block's cluster sums (in shared memory where m <= CH, else straight to global atomics; sums
+// of fp16 values are exact in float64, so any order gives the same sums) added into
+// sums (N, m, D) / counts (N, m), both zero on entry. The set's last block to finish (done
+// (N,) counts them, reset after) applies the update.
+template <int D>
+__global__ void __launch_bounds__(128) km_step(const float* __restrict__ x, int P, int m, const double* x2,
+                                               const double* limit, double* c, int* a, double* far, double* sums,
+                                               int* counts, int* done, int* active) {
+    __shared__ __align__(16) double cs[CH][D];  // centres, then the block's cluster sums
+    __shared__ double c2[CH];
+    __shared__ int pa[128], cnt[256];
+    __shared__ bool last;
+    const int set = blockIdx.y, p0 = blockIdx.x * blockDim.x, p = p0 + threadIdx.x, np = min(P - p0, (int)blockDim.x);
+    if (!active[set]) return;
+    double best;
+    int bj;
+    nearest<D, true>(x, P, c, m, x2, cs, c2, best, bj);
+    if (p < P) a[(size_t)set * P + p] = bj, far[(size_t)set * P + p] = best;
+    pa[threadIdx.x] = bj;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) cnt[j] = 0;
+    const bool local = m <= CH;
+    double* acc = &cs[0][0];
+    __syncthreads();  // every thread is done with cs
+    for (int e = threadIdx.x; local && e < m * D; e += blockDim.x) acc[e] = 0.0;
+    if (threadIdx.x < np) atomicAdd(cnt + bj, 1);
+    __syncthreads();
+    double* gs = sums + (size_t)set * m * D;
+    const float* xb = x + ((size_t)set * P + p0) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x)  // thread d owns column d: no conflicts
+        for (int i0 = 0; i0 < np; i0 += U) {
+            double v[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) v[u] = i0 + u < np ? xb[(size_t)(i0 + u) * D + d] : 0.0;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (i0 + u >= np) break;
+                if (local) acc[pa[i0 + u] * D + d] += v[u];
+                else atomicAdd(gs + pa[i0 + u] * D + d, v[u]);
+            }
+        }
+    __syncthreads();
+    for (int e = threadIdx.x; local && e < m * D; e += blockDim.x)
+        if (cnt[e / D]) atomicAdd(gs + e, acc[e]);
+    for (int j = threadIdx.x; j < m; j += blockDim.x)
+        if (cnt[j]) atomicAdd(counts + (size_t)set * m + j, cnt[j]);
+    __threadfence();  // this block's a, far, sums and counts are visible before it counts as done
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done + set, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    lloyd_update<D>(x, P, m, set, far, limit, c, sums, counts, active, &cs[0][0]);
+    if (threadIdx.x == 0) done[set] = 0;
 }

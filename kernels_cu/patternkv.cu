@@ -86,8 +86,7 @@ extern "C" __global__ void v_use_residual(const float* __restrict__ v, const flo
 #ifdef MINIKV_INSTANTIATE_ALL  // the CI compile check builds every variant the wrappers can ask for
 #define INST(D)                                                                                                 \
     void *inst_prep_##D = (void*)&km_prep<D>, *inst_seed_##D = (void*)&km_seed<D>;                              \
-    void *inst_km_##D = (void*)&km_assign<D, true>, *inst_l2_##D = (void*)&km_assign<D, false>;                 \
-    void *inst_sums_##D = (void*)&km_sums<D>, *inst_update_##D = (void*)&km_update<D>;
+    void *inst_step_##D = (void*)&km_step<D>, *inst_l2_##D = (void*)&km_assign<D>;
 INST(64)
 INST(128)
 #endif

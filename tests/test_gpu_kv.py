@@ -47,7 +47,8 @@ STORAGE = ("kc", "ks", "km", "vc", "vs", "vm", "ka", "va", "kidx", "vidx", "vmas
 
 
 @pytest.mark.parametrize("spec", ["kivi:2", "kivi:3,vbits=4", "nqkv:2", "nqkv:4,kaxis=channel,bs=32",
-                                  "patternkv:2", "patternkv:3,sink=4,r=192", "patternkv:2,mmax=34"])
+                                  "patternkv:2", "patternkv:3,sink=4,r=192", "patternkv:2,mmax=34",
+                                  "patternkv:2,kmpoints=100"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_same_kv_gives_bit_identical_storage(spec, D):
     """Fed identical keys and values, the CuPy cache stores exactly the NumPy oracle's bytes."""

@@ -209,6 +209,29 @@ def test_v_threshold_in_the_cache_keeps_raw_v_for_structureless_tokens():
         assert mask.mean() > 0.9 if want == "residual" else mask.mean() < 0.1
 
 
+def test_patternkv_mines_an_evenly_spaced_subsample():
+    """Past kmpoints prefill tokens, KMeans runs on that many evenly spaced ones (token 0 first),
+    the K and V sets of every head independently."""
+    from minikv.kv.base import KVGeometry
+    from minikv.kv.patterns import kmeans
+
+    geom = KVGeometry(1, 2, 2, 64, 0.125)
+    rng = np.random.default_rng(3)
+    k, v = (rng.normal(size=(1, 2, 300, 64)).astype(np.float16).astype(np.float32) for _ in range(2))
+    pats = {}
+    for cap in (50, 0):
+        c = make_cache(f"patternkv:2,g=64,r=64,kmpoints={cap}", geom, 1, 320, CPU)
+        c.begin_step([300])
+        c.update(0, k, v)
+        c.commit(0)
+        c.end_step()
+        pick = np.arange(cap) * 300 // cap if cap else np.arange(300)
+        for x, got in ((k, c.kpat[0]), (v, c.vpat[0])):
+            np.testing.assert_array_equal(got[0, :, :32], kmeans(np, x[0][:, pick], 32).astype(np.float16))
+        pats[cap] = c.kpat[0][0, :, :32]
+    assert pick[0] == 0 and not np.array_equal(pats[50], pats[0])
+
+
 def test_bits_per_value_counts_everything(stories, ids):
     g = stories.kv_geometry  # D = 8 here, so per-token V scales are expensive
     c = make_cache("kivi:2,g=32,r=32", g, 1, 300, CPU)
@@ -239,7 +262,7 @@ def test_truncate_only_within_the_window(stories, ids):
 
 @pytest.mark.parametrize("spec,match", [
     ("kivi:5", "bits=5 is not supported"), ("nqkv:8", "bits=8"), ("patternkv:2,m=0", "m <= mmax"),
-    ("patternkv:2,mmax=300", "256"), ("nqkv:2,kaxis=diag", "kaxis=diag"), ("kivi:2,foo=1", "unknown option 'foo'"),
+    ("patternkv:2,mmax=300", "256"), ("patternkv:2,kmpoints=-1", "kmpoints=-1"), ("nqkv:2,kaxis=diag", "kaxis=diag"), ("kivi:2,foo=1", "unknown option 'foo'"),
     ("kivi:2,g=12", "multiple of 8"), ("nqkv:2,bs=12", "multiple of 8"), ("kivi:2,kbits=x", "not an integer"),
     ("nqkv:2,kaxis=channel,bs=48", "must divide g")])
 def test_invalid_specs_list_what_is_valid(spec, match):

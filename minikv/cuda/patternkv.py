@@ -4,8 +4,9 @@ the same data (see the .cu for how). Inputs are C-contiguous CuPy float32 arrays
 back int64 like numpy's argmin, the V test as a bool mask.
 
 KMeans runs as: km_prep (|x|^2, column sums), km_limit (the convergence threshold), m + 1
-km_seed rounds (the farthest-point init), then per Lloyd iteration km_assign, km_sums and
-km_update; the per-set active flags are read back every few steps to stop early.
+km_seed rounds (the farthest-point init), then one km_step launch per Lloyd iteration
+(assignment, cluster sums, and the update by each set's last block); a set whose centres stop
+moving freezes on the device.
 """
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ from .module import EXACT, check, f32, i32, kernel
 
 _MOD = "patternkv"
 _KM_DIMS = (64, 128)  # head dims the KMeans / nearest_l2 kernels are built for
-_MAX_M = 256          # centres per set (km_update's shared arrays; an index is one byte)
+_MAX_M = 256          # centres per set (lloyd_update's shared arrays; an index is one byte)
 _MAX_P = 65536        # points per set (km_limit's list of pairwise-sum runs)
 _TT = 16              # tokens per minmax_assign block (TT in the .cu)
-_CHECK = 4            # Lloyd steps between reads of the active flags
 
 
 def _k(name: str):
@@ -98,17 +98,12 @@ def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
     a = xp.empty((N, P), np.int32)
     far = xp.empty((N, P), np.float64)
     sums, counts = xp.zeros((N, m, D), np.float64), xp.zeros((N, m), np.int32)
-    active = xp.ones(N, np.int32)
-    assign, accumulate, update = _k(f"km_assign<{D}, true>"), _k(f"km_sums<{D}>"), _k(f"km_update<{D}>")
-    ts = _tile(N, P, 64)
-    for it in range(iters):
-        assign((_cdiv(P, 128), N), (128,), (x, i32(P), c, i32(m), x2, active, a, far, far))
-        accumulate((_cdiv(P, ts), N), (D,), (x, i32(P), i32(m), i32(ts), a, active, sums, counts))
-        update((N,), (256,), (x, i32(P), i32(m), far, limit, c, sums, counts, active))
-        # Frozen sets are skipped by every kernel, so steps past the last freeze change nothing:
-        # read the flags back (a sync) only every few steps.
-        if it % _CHECK == _CHECK - 1 and not bool(active.any()):
-            break
+    active, done = xp.ones(N, np.int32), xp.zeros(N, np.int32)
+    step = _k(f"km_step<{D}>")
+    # Every step is launched: a frozen set's blocks return at once, so steps past the last freeze
+    # cost a few microseconds each, less than reading the flags back (a sync that stalls the host).
+    for _ in range(iters):
+        step((_cdiv(P, 128), N), (128,), (x, i32(P), i32(m), x2, limit, c, a, far, sums, counts, done, active))
     return c.astype(np.float32)
 
 
@@ -124,7 +119,7 @@ def nearest_l2(xp, x, c):
         raise ValueError(f"nearest_l2: centres {c.shape} do not fit points {x.shape}")
     out = xp.empty((N, T), np.int64)
     if N and T:
-        _k(f"km_assign<{D}, false>")((_cdiv(T, 128), N), (128,), (x, i32(T), c, i32(M), out, out, out, out, out))
+        _k(f"km_assign<{D}>")((_cdiv(T, 128), N), (128,), (x, i32(T), c, i32(M), out))
     return out
 
 

@@ -1,8 +1,9 @@
 """`patternkv`: pattern-aligned residual quantization (PatternKV, KVQUANT.md section 3).
 
 Per (layer, sequence, kv head), K and V each keep up to Mmax fp16 pattern vectors. The first
-flush of a sequence mines M0 patterns with KMeans over its whole window (the prefill) and
-assigns those chunks by L2; every later chunk adds its Chebyshev centre (while under the
+flush of a sequence mines M0 patterns with KMeans over its window (the prefill; past `kmpoints`
+tokens, over that many evenly spaced ones, token 0 included, which bounds the prefill cost)
+and assigns those chunks by L2; every later chunk adds its Chebyshev centre (while under the
 budget) and is assigned by min-max distance. K residuals k - C[a] are quantized as kivi K;
 V residuals as kivi V, per token only where the residual is narrower enough (the V adaptive
 threshold, a 1-bit mask), else the raw V.
@@ -23,12 +24,14 @@ from .registry import register
 class PatternKVCache(KiviCache):
     method = "patternkv"
     BITS = (2, 3, 4)
-    INT_OPTIONS = {**KiviCache.INT_OPTIONS, "m": 32, "mmax": 256}
+    INT_OPTIONS = {**KiviCache.INT_OPTIONS, "m": 32, "mmax": 256, "kmpoints": 1024}
 
     @classmethod
     def check_settings(cls, s, bad):
         if not 1 <= s["m"] <= s["mmax"] <= 256:
             raise bad(f"need 1 <= m <= mmax <= 256 (an index is one byte), got m={s['m']} mmax={s['mmax']}")
+        if s["kmpoints"] < 0:
+            raise bad(f"kmpoints={s['kmpoints']} must be >= 0 (0: KMeans over every prefill token)")
 
     def allocate(self):
         super().allocate()
@@ -42,12 +45,10 @@ class PatternKVCache(KiviCache):
         self.vpat = [xp.zeros((B, H, M, D), np.float16) for _ in L]
         self.count = np.zeros((g.n_layers, B), dtype=np.int64)  # patterns per (layer, sequence)
         self.pm = self.quantizers("minikv.kv.patterns", "minikv.cuda.patternkv")  # mining functions
-        self.v_resid = np.zeros((g.n_layers, 2), dtype=np.int64)  # V tokens (residualised, total)
 
     def reset(self):
         super().reset()
         self.count[:] = 0
-        self.v_resid[:] = 0
 
     def _assign(self, layer, rows, c0, n, k, v):
         """Pattern indices (nb, H, n*G) for K and V of the n chunks, updating the patterns."""
@@ -56,14 +57,16 @@ class PatternKVCache(KiviCache):
         kp, vp = self.kpat[layer], self.vpat[layer]
         if c0 == 0:  # first flush of these sequences: mine their window (the prefill)
             m = min(self.s["m"], w)
-            for x, pat in ((k, kp), (v, vp)):
-                pat[r, :, :m] = self.pm.kmeans(xp, x.reshape(nb * H, w, D), m).reshape(nb, H, m, D).astype(np.float16)
+            cap = self.s["kmpoints"]
+            pick = slice(None) if not cap or w <= cap else xp.arange(cap) * w // cap  # evenly spaced, 0 first
+            kv = xp.concatenate([k[:, :, pick], v[:, :, pick]], axis=1)  # (nb, 2H, P, D): K and V sets at once
+            c = self.pm.kmeans(xp, kv.reshape(nb * 2 * H, kv.shape[2], D), m).reshape(nb, 2 * H, m, D)
+            kp[r, :, :m], vp[r, :, :m] = c[:, :H].astype(np.float16), c[:, H:].astype(np.float16)
             self.count[layer, rows] = m
-            flat = lambda x: x[:, :, :n * G].reshape(nb * H, n * G, D)  # noqa: E731
-            pat = lambda p: p[r, :, :m].astype(np.float32).reshape(nb * H, m, D)  # noqa: E731
-            ak = self.pm.nearest_l2(xp, flat(k), pat(kp))
-            av = self.pm.nearest_l2(xp, flat(v), pat(vp))
-            return ak.reshape(nb, H, n * G), av.reshape(nb, H, n * G)
+            x = xp.concatenate([k[:, :, :n * G], v[:, :, :n * G]], axis=1).reshape(nb * 2 * H, n * G, D)
+            p = xp.concatenate([kp[r, :, :m], vp[r, :, :m]], axis=1).astype(np.float32).reshape(nb * 2 * H, m, D)
+            a = self.pm.nearest_l2(xp, x, p).reshape(nb, 2 * H, n * G)
+            return a[:, :H], a[:, H:]
         ak, av = [], []
         for i in range(n):  # chunk by chunk: each may add the pattern the next ones use
             ck, cv = k[:, :, i * G:(i + 1) * G], v[:, :, i * G:(i + 1) * G]  # (nb, H, G, D)
@@ -101,7 +104,6 @@ class PatternKVCache(KiviCache):
         self.vidx[layer][r, :, t0:t1] = av.astype(np.uint8)
         bits = use.reshape(nb, H, n * G // 8, 8).astype(np.uint8) << xp.arange(8, dtype=np.uint8)
         self.vmask[layer][r, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
-        self.v_resid[layer] += (int(use.sum()), use.size)
         return ck.reshape(nb, H, n * G, D) + rk_hat.reshape(nb, H, n * G, D), cv + rv_hat
 
     def pattern_counts(self, layer):
