@@ -233,7 +233,8 @@ class ChunkedQuantCache(KVCache):
         """Quantize chunks c0..c0+n-1 of sequences `rows` from xk, xv (nb, Hkv, w, D): the
         window with this step's tokens, whose first n*G tokens are the chunks (a method may
         look at all w, e.g. to mine patterns). Store them; return the dequantized
-        (nb, Hkv, n*G, D)."""
+        (nb, Hkv, n*G, D), which only the reference attention reads (with the fused kernel a
+        method may return None, None)."""
         raise NotImplementedError
 
     def reconstruct(self, layer: int):

@@ -20,6 +20,14 @@ from .kivi import KiviCache
 from .registry import register
 
 
+def token_patterns(xp, pat, idx):
+    """Each token's pattern: pat (nb, H, M, D) fp16, idx (nb, H, T) -> (nb, H, T, D) float32.
+    One row gather from the flattened table (take_along_axis would build (nb, H, T, D) indexes)."""
+    nb, H, M, D = pat.shape
+    rows = xp.arange(nb * H, dtype=np.int64).reshape(nb, H, 1) * M + idx.astype(np.int64)
+    return pat.reshape(nb * H * M, D)[rows.reshape(-1)].reshape(nb, H, idx.shape[2], D).astype(np.float32)
+
+
 @register("patternkv")
 class PatternKVCache(KiviCache):
     method = "patternkv"
@@ -87,9 +95,7 @@ class PatternKVCache(KiviCache):
         nb, H, _, D = xk.shape
         k, v = xk.astype(np.float32), xv.astype(np.float32)
         ak, av = self._assign(layer, rows, c0, n, k, v)  # (nb, H, n*G)
-        gather = lambda pat, a: xp.take_along_axis(  # noqa: E731  (nb, H, n*G, D) patterns per token
-            pat[r].astype(np.float32), a[..., None].astype(np.int64), axis=2)
-        ck, cv = gather(self.kpat[layer], ak), gather(self.vpat[layer], av)
+        ck, cv = token_patterns(xp, self.kpat[layer][r], ak), token_patterns(xp, self.vpat[layer][r], av)
         k, v = k[:, :, :n * G], v[:, :, :n * G]
         t0, t1 = c0 * G, (c0 + n) * G
         kc, ks, km, rk_hat = self.q.quantize_k_chunks(xp, (k - ck).reshape(nb, H, n, G, D), self.s["kbits"])
@@ -104,6 +110,8 @@ class PatternKVCache(KiviCache):
         self.vidx[layer][r, :, t0:t1] = av.astype(np.uint8)
         bits = use.reshape(nb, H, n * G // 8, 8).astype(np.uint8) << xp.arange(8, dtype=np.uint8)
         self.vmask[layer][r, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
+        if self.fused is not None:  # the kernel reads the storage: nothing to rebuild
+            return None, None
         return ck.reshape(nb, H, n * G, D) + rk_hat.reshape(nb, H, n * G, D), cv + rv_hat
 
     def pattern_counts(self, layer):
@@ -120,8 +128,8 @@ class PatternKVCache(KiviCache):
         the kivi reconstruction of the residuals plus each token's pattern."""
         xp = self.xp
         rk, rv = super().dequantize(layer)
-        pk = xp.take_along_axis(self.kpat[layer].astype(np.float32), self.kidx[layer][..., None].astype(np.int64), 2)
-        pv = xp.take_along_axis(self.vpat[layer].astype(np.float32), self.vidx[layer][..., None].astype(np.int64), 2)
+        pk = token_patterns(xp, self.kpat[layer], self.kidx[layer])
+        pv = token_patterns(xp, self.vpat[layer], self.vidx[layer])
         mask = (self.vmask[layer][..., None] >> xp.arange(8, dtype=np.uint8)) & 1  # (B, H, T/8, 8)
         mask = mask.reshape(rv.shape[:3])[..., None].astype(bool)
         return pk + rk, xp.where(mask, pv, np.float32(0.0)) + rv
