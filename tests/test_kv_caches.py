@@ -262,7 +262,7 @@ def test_truncate_only_within_the_window(stories, ids):
 
 @pytest.mark.parametrize("spec,match", [
     ("kivi:5", "bits=5 is not supported"), ("nqkv:8", "bits=8"), ("patternkv:2,m=0", "m <= mmax"),
-    ("patternkv:2,mmax=300", "256"), ("patternkv:2,kmpoints=-1", "kmpoints=-1"), ("nqkv:2,kaxis=diag", "kaxis=diag"), ("kivi:2,foo=1", "unknown option 'foo'"),
+    ("patternkv:2,mmax=300", "256"), ("patternkv:2,kmpoints=-1", "kmpoints=-1"), ("patternkv:2,kmpoints=16", ">= m=32"), ("nqkv:2,kaxis=diag", "kaxis=diag"), ("kivi:2,foo=1", "unknown option 'foo'"),
     ("kivi:2,g=12", "multiple of 8"), ("nqkv:2,bs=12", "multiple of 8"), ("kivi:2,kbits=x", "not an integer"),
     ("nqkv:2,kaxis=channel,bs=48", "must divide g")])
 def test_invalid_specs_list_what_is_valid(spec, match):

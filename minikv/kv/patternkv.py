@@ -38,8 +38,8 @@ class PatternKVCache(KiviCache):
     def check_settings(cls, s, bad):
         if not 1 <= s["m"] <= s["mmax"] <= 256:
             raise bad(f"need 1 <= m <= mmax <= 256 (an index is one byte), got m={s['m']} mmax={s['mmax']}")
-        if s["kmpoints"] < 0:
-            raise bad(f"kmpoints={s['kmpoints']} must be >= 0 (0: KMeans over every prefill token)")
+        if s["kmpoints"] and s["kmpoints"] < s["m"]:  # KMeans needs at least m points
+            raise bad(f"kmpoints={s['kmpoints']} must be 0 (every prefill token) or >= m={s['m']}")
 
     def allocate(self):
         super().allocate()
