@@ -1,6 +1,6 @@
 """Perplexity of every KV cache method on the same tokens, as a markdown table.
 
-    python bench/kv_table.py [MODEL_DIR] --text FILE --max-tokens 4096 [--device cpu] [--kv SPEC ...]
+    python bench/kv_table.py [MODEL_DIR] --text FILE --max-tokens 4096 [--device cpu] [--dtype float32] [--kv SPEC ...]
 
 Rows: perplexity, its rise over the unquantized cache, tokens scored, bits per value
 (every stored byte counted). Default methods: the issue-5 list.
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="compute dtype: auto, float16 (GPU) or float32")
     ap.add_argument("--kv", action="append", default=None)
     args = ap.parse_args()
     args.ctx_size = None
@@ -36,7 +37,8 @@ def main():
     ids = text_ids(tok, args.text, args.max_tokens)
     print(f"<!-- {' '.join(sys.argv)} | {model.backend.name} | {platform.node()} | "
           f"{datetime.date.today()} -->")
-    print(f"{len(ids)} tokens of `{args.text.split('/')[-1]}`, prefill {args.prefill}, device {model.backend.name}\n")
+    print(f"{len(ids)} tokens of `{args.text.split('/')[-1]}`, prefill {args.prefill}, device {model.backend.name} "
+          f"({model.backend.dtype})\n")
     print("| kv | ppl | rise vs fp16 | bits/value | seconds |")
     print("| --- | --- | --- | --- | --- |")
     base = None

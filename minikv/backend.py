@@ -50,19 +50,30 @@ def _cuda_available():
     return cupy
 
 
-def get_backend(device: str = "auto") -> Backend:
-    """device: "auto" (GPU if CuPy sees one, else CPU), "cpu" or "cuda"."""
+DTYPES = ("auto", "float16", "float32")
+
+
+def get_backend(device: str = "auto", dtype: str = "auto") -> Backend:
+    """device: "auto" (GPU if CuPy sees one, else CPU), "cpu" or "cuda". dtype: the compute
+    dtype, "auto" (float16 on the GPU, float32 on the CPU), "float16" (GPU only) or "float32".
+    The GPU in float32 runs the model as the CPU does (array ops, reference attention; the
+    quantizers keep their kernels): slower, for checking numbers against the CPU."""
     from .ops import ArrayOps
 
     if device not in ("auto", "cpu", "cuda"):
         raise MinikvError(f"unknown --device {device!r}: use auto, cpu or cuda")
+    if dtype not in DTYPES:
+        raise MinikvError(f"unknown --dtype {dtype!r}: use {', '.join(DTYPES)}")
     if device in ("auto", "cuda"):
         cp = _cuda_available()
         if not isinstance(cp, str):
             from .cuda.ops import CudaOps
 
-            return Backend("cuda", cp, np.dtype(np.float16), CudaOps(cp))
+            dt = np.float32 if dtype == "float32" else np.float16
+            return Backend("cuda", cp, np.dtype(dt), CudaOps(cp))
         if device == "cuda":
             raise MinikvError(f"--device cuda: {cp}; use --device cpu to run on the CPU")
+    if dtype == "float16":
+        raise MinikvError("--dtype float16 needs a GPU (the CPU computes in float32); use --dtype float32 or auto")
     # CPU computes in float32 (NumPy has no fast fp16 matmul).
     return Backend("cpu", np, np.dtype(np.float32), ArrayOps(np))

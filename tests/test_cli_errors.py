@@ -43,6 +43,15 @@ def test_missing_path(capsys, tmp_path):
     assert_error(capsys, "no such file or directory", *gen(tmp_path / "nope"))
 
 
+def test_float16_on_the_cpu(capsys):
+    assert_error(capsys, "--dtype float16 needs a GPU", *gen(STORIES, "--dtype", "float16"))
+
+
+def test_dtype_float32_on_the_cpu_runs(capsys):  # the companion of the error above
+    code, out, err = run_cli(capsys, *gen(STORIES, "--dtype", "float32", "--temp", "0"))
+    assert code == 0 and out.startswith(", there was a"), (code, out, err)
+
+
 def test_directory_without_config(capsys, tmp_path):
     assert_error(capsys, "no config.json", *gen(tmp_path))
 

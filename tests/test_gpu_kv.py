@@ -1,5 +1,6 @@
 """Quantized caches on CuPy agree with NumPy: identical keys and values give identical stored
-bytes; end to end, the fp16 cache gives the same perplexity to 3 significant digits."""
+bytes; end to end, the fp16 cache gives the same perplexity to 3 significant digits, and every
+method does with float32 activations on the GPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,6 +31,19 @@ def test_perplexity_cupy_matches_numpy(spec):
     else:
         assert abs(gpu.ppl / cpu.ppl - 1) < (0.04 if ":2" in spec else 0.01)
         assert cpu.kv_bytes == gpu.kv_bytes  # the format's bytes do not depend on the device
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_perplexity_cupy_float32_matches_numpy_to_3_digits(spec):
+    """With float32 activations on the GPU too (--dtype float32: array ops, reference attention,
+    the quantizer kernels as in fp16), every method's perplexity is the CPU's to 3 digits: the
+    kernels store what the oracle stores, and only fp16 activations move the numbers above."""
+    ids = Tokenizer.from_dir(STORIES).encode((TEXT / "tinystories_valid_fragment.txt").read_text())[:512]
+    cpu = perplexity(load_model(STORIES, get_backend("cpu")), ids, spec, prefill=128)
+    gpu = perplexity(load_model(STORIES, get_backend("cuda", "float32")), ids, spec, prefill=128)
+    print(f"{spec}: numpy {cpu.ppl:.5f} cupy float32 {gpu.ppl:.5f}")
+    assert f"{cpu.ppl:.3g}" == f"{gpu.ppl:.3g}"
+    assert cpu.kv_bytes == gpu.kv_bytes
 
 
 def structured_kv(L, H, T, D, seed=0):

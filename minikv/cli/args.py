@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..backend import get_backend
+from ..backend import DTYPES, get_backend
 from ..errors import MinikvError
 from ..sampler import SamplingParams
 from ..tokenizer import Tokenizer
@@ -16,6 +16,9 @@ def add_model_args(p: argparse.ArgumentParser, kv_multi: bool = False) -> None:
                         "default: SmolLM2-135M-Instruct, fetched and converted on first use")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (default: the GPU if CuPy sees one)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="compute dtype (default: float16 on the GPU, float32 on the CPU); float32 on "
+                        "the GPU computes as the CPU does, slower, to check numbers")
     p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                    help="context size in tokens (default: min(model's maximum, 4096))")
     kv_help = ("KV cache: METHOD[:BITS][,key=value...], e.g. fp16, kivi:2, patternkv:4,sink=4 "
@@ -65,7 +68,7 @@ def load(args):
     from ..models import load_model
 
     model_dir = resolve_model_dir(args)
-    backend = get_backend(args.device)
+    backend = get_backend(args.device, getattr(args, "dtype", "auto"))
     model = load_model(model_dir, backend)
     tok = Tokenizer.from_dir(model_dir)
     if tok.vocab_size > model.cfg.vocab_size:

@@ -40,8 +40,9 @@ class KVCache(ABC):
         self.n_new = np.zeros(batch, dtype=np.int64)  # tokens being added in the current step
 
     def _fused_kernel(self):
-        """The fused CUDA attention where this cache's geometry allows it, else None."""
-        if not self.backend.is_gpu or self.geom.head_dim not in (64, 128):
+        """The fused CUDA attention where this cache's geometry allows it (fp16 compute, head_dim
+        64 or 128), else None."""
+        if not self.backend.is_gpu or self.backend.dtype != np.float16 or self.geom.head_dim not in (64, 128):
             return None
         from ..cuda.attention import FusedAttention
 
