@@ -38,8 +38,9 @@ def timed(cp, fn, reps=20) -> float:
     return float(np.median(times))
 
 
-def filled_cache(spec, B, ctx, backend):
-    """A one-layer cache holding ctx tokens per sequence, its storage random (not zeros)."""
+def filled_cache(spec, B, ctx, backend, patterns=None):
+    """A one-layer cache holding ctx tokens per sequence, its storage random (not zeros);
+    patternkv with `patterns` patterns (None: as many as the cache would have)."""
     cp = backend.xp
     from minikv.kv import make_cache
     from minikv.kv.base import KVGeometry
@@ -54,14 +55,15 @@ def filled_cache(spec, B, ctx, backend):
                     x[...] = rng.randint(0, 256, size=x.shape, dtype=np.int32).astype(np.uint8)
                 else:
                     x[...] = (rng.random_sample(x.shape) * 0.1 + 0.01).astype(x.dtype)
-    if hasattr(cache, "kidx"):  # pattern indices must stay below the pattern count
-        cache.kidx[0] %= 64
-        cache.vidx[0] %= 64
-        cache.count[:] = 64
     cache.lengths[:] = ctx
     if hasattr(cache, "n_chunks"):
         cache.n_chunks[:] = (ctx - cache.S - 64) // cache.G  # leaves a partial window, as in use
         cache.lengths[:] = cache.S + cache.n_chunks * cache.G + 64
+    if hasattr(cache, "kidx"):  # as many patterns as the cache would hold: m + one per chunk, to mmax
+        m = patterns or min(cache.s["mmax"], cache.s["m"] + int(cache.n_chunks[0]))
+        cache.kidx[0] %= m
+        cache.vidx[0] %= m
+        cache.count[:] = m
     return cache
 
 
@@ -84,12 +86,12 @@ def graph_time(cp, fn, reps=50) -> float:
     return cp.cuda.get_elapsed_time(e0, e1) / 1e3 / reps
 
 
-def attention_row(spec, B, ctx, backend, groups):
+def attention_row(spec, B, ctx, backend, groups=None, min_blocks=None, patterns=None):
     """(step seconds, kernel seconds, bytes) of one decode step's attention over ctx tokens."""
     cp = backend.xp
-    cache = filled_cache(spec, B, ctx, backend)
+    cache = filled_cache(spec, B, ctx, backend, patterns)
     if cache.fused is not None:
-        cache.fused.groups = groups
+        cache.fused.groups, cache.fused.min_blocks = groups, min_blocks
     q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
     k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
 
@@ -183,6 +185,10 @@ def main():
     ap.add_argument("--breakdown", nargs="*", default=[], help="kv specs whose prefill cost to break down")
     ap.add_argument("--groups", type=int, default=None,
                     help="16-key groups a decode-kernel warp loads ahead (default: the runtime's choice)")
+    ap.add_argument("--min-blocks", type=int, default=None,
+                    help="blocks per SM the decode kernel's registers allow, 2 or 3 (default: the runtime's)")
+    ap.add_argument("--patterns", type=int, default=None,
+                    help="patternkv's pattern count (default: m + one per chunk, up to mmax, as in use)")
     args = ap.parse_args()
     be = get_backend("cuda")
     cp = be.xp
@@ -197,7 +203,7 @@ def main():
         for ctx in args.ctx:
             base = None
             for spec in args.kv:
-                t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups)
+                t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups, args.min_blocks, args.patterns)
                 gbs = nbytes / t / 1e9
                 base = t if spec == "fp16" else base
                 speed = f"{base / t:.2f}" if base else "-"

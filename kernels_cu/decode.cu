@@ -15,9 +15,12 @@
 // Uniform codes (kivi, patternkv) are folded as in attention.cu (KVQUANT.md 3.5): scores use
 // q * s_K (per chunk, times the softmax scale) against raw codes, the accumulator starting at
 // q . m_K (+ q . C_K[a] from a per-block table); P.V uses p * s_V against raw codes plus sum p m_V.
-// PatternKV's V patterns add C_V[a_t] (where the V mask is set) through a second P.V product
-// over pattern rows gathered per key (L1-cached): per-pattern probability sums would need
-// scattered shared-memory float atomics, which the hardware runs as compare-and-swap loops.
+// PatternKV's V patterns add sum_t p_t C_V[a_t] (where the V mask is set) as sum_a H[a] C_V[a]:
+// each warp sums p per (pattern, row) into a fixed-point histogram with native shared-memory
+// integer atomics (float ones are compare-and-swap loops); the block merges its warps' histograms
+// and adds H C_V with one mma per 16 patterns at the end (KVQUANT.md 3.5). Gathering pattern rows
+// per key instead costs ~110 instructions and ~80 registers per 16 keys, and 64 KB of rows per kv
+// head at 256 patterns does not stay in L1.
 //
 // Each warp walks its own contiguous range of keys with its own softmax state (rescaled lazily:
 // only when a row's max grows by more than 2^8), loading the next NG groups while computing the
@@ -27,8 +30,9 @@
 
 using namespace minikv;
 
-template <int D, int METHOD, int KB, int VB, int NG>
-__global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
+// MINB: blocks per SM the registers must allow (ptxas otherwise takes up to 255 per thread).
+template <int D, int METHOD, int KB, int VB, int NG, int MINB>
+__global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PARAMS) {
     using L = DLayout<D>;
     constexpr bool QUANT = METHOD != DENSE, PAT = METHOD == PATTERN;
     constexpr int NK = D / 16, NT = DW * 32;
@@ -39,6 +43,7 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
     float* mo = reinterpret_cast<float*>(smem + L::MO);
     float* ms = reinterpret_cast<float*>(smem + L::MS);
     float* qc = reinterpret_cast<float*>(smem + L::QC);
+    uint32_t* hist = reinterpret_cast<uint32_t*>(smem + L::HI(mp));  // patternkv: (DW, mp, NR)
 
     const int b = blockIdx.z, h = blockIdx.y, B = gridDim.z, g = H / Hkv, nrows = g * T;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, cq = lane & 3;
@@ -54,6 +59,9 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
         Qf[i] = v;
     }
     __syncthreads();
+    if constexpr (PAT) {
+        for (int i = tid; i < DW * mp * NR; i += NT) hist[i] = 0u;
+    }
     if constexpr (QUANT) {
         for (int i = tid; i < NR * D / 2; i += NT) {
             const int r = i / (D / 2), c = (i / (D / 8)) % 4, lo = k_pair_lo<D, KB>(c, i % (D / 8));
@@ -87,8 +95,9 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
     const int pw = (hi - lo + DW - 1) / DW;
     const int wlo = min(hi, lo + warp * pw), whi = min(hi, wlo + pw);
 
-    Acc<D> acc;
+    Acc<D, PAT> acc;
     acc.init();
+    if constexpr (PAT) acc.hist = hist + warp * mp * NR, acc.hp = info.patterns;
 
     // fp16 keys [k_lo, k_hi) of a segment of n keys (rows `stride` halves apart); step keys
     // (causal) are visible to a row up to its own position.
@@ -134,7 +143,6 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
             constexpr int STEP = 16 * NG;
             const long long row0 = bh * n_chunks_cap * G;  // storage slot of the sequence's first chunk token
             const uint8_t* mask_row = vmask + row0 / 8;
-            const __half* vpat_bh = vpat + bh * mmax * D + gq * (D / 8);
             const auto fetch_scales = [&](int ci) {  // chunk ci's K scales and mins -> this warp's buffer ci & 1
                 constexpr int PER = D * 2 / 16;
                 if (lane < 2 * PER) {
@@ -153,21 +161,28 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
                 __syncwarp();
                 const __half* s_ = sc + (warp * 2 + (ci & 1)) * 2 * D;
                 const __half* m_ = s_ + D;
-                float qm = 0.0f;
+                // Keys arrive as code * 2^shift + 1024 (code_pair_biased): B carries 2^-shift, and
+                // the accumulators start 1024 * sum(B) lower (summed from the rounded fp16 B).
+                float qm = 0.0f, off = 0.0f;
 #pragma unroll
                 for (int hp = 0; hp < D / 8; ++hp) {
                     const int c0 = k_pair_lo<D, KB>(cq, hp), c1 = c0 + 16 / KB;
+                    const float f = sl2 / (float)(1 << code_shift<KB>(hp % (16 / KB)));
                     const float2 qf = __half22float2(u2h(Qq[(gq * 4 + cq) * (D / 8) + hp]));
-                    bk[hp % NK][hp / NK] = h2u(__floats2half2_rn(qf.x * __half2float(s_[c0]) * sl2,
-                                                                 qf.y * __half2float(s_[c1]) * sl2));
+                    const __half2 b2 = __floats2half2_rn(qf.x * __half2float(s_[c0]) * f, qf.y * __half2float(s_[c1]) * f);
+                    bk[hp % NK][hp / NK] = h2u(b2);
+                    const float2 bf2 = __half22float2(b2);
+                    off += bf2.x + bf2.y;
                     qm += qf.x * __half2float(m_[c0]) + qf.y * __half2float(m_[c1]);
                 }
                 __syncwarp();  // the buffer is refilled two chunks later
+                qm = qm * sl2 - 1024.0f * off;
                 qm += __shfl_xor_sync(0xffffffffu, qm, 1);
                 qm += __shfl_xor_sync(0xffffffffu, qm, 2);
-                qm0 = __shfl_sync(0xffffffffu, qm, 8 * cq) * sl2;  // row r lives in lanes 4r..4r+3
-                qm1 = __shfl_sync(0xffffffffu, qm, 8 * cq + 4) * sl2;
+                qm0 = __shfl_sync(0xffffffffu, qm, 8 * cq);  // row r lives in lanes 4r..4r+3
+                qm1 = __shfl_sync(0xffffffffu, qm, 8 * cq + 4);
                 chunk = ci;
+                if constexpr (PAT) acc.hist_guard(G);
             };
             using Step = QStep<D, KB, VB, PAT, NG>;
             const auto process = [&](const Step& cur) {
@@ -175,8 +190,8 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
 #pragma unroll
                 for (int gi = 0; gi < NG; ++gi) {
                     uint32_t k0[D / 8], k1[D / 8];
-                    code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][0].w, k0);
-                    code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][1].w, k1);
+                    code_pairs<KB, (D * KB / 32 + 3) / 4, true>(cur.k[gi][0].w, k0);
+                    code_pairs<KB, (D * KB / 32 + 3) / 4, true>(cur.k[gi][1].w, k1);
                     s[gi][0] = s[gi][2] = qm0;  // the accumulators start at the affine part
                     s[gi][1] = s[gi][3] = qm1;
                     if constexpr (PAT) {
@@ -204,15 +219,10 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
                     v_fragments<D, VB, D * VB / 128>(va, cur.v[gi][0].w, cur.v[gi][2].w, cur.v[gi][1].w,
                                                      cur.v[gi][3].w);
                     acc.pv(pv, va);
-                    if constexpr (PAT) {  // + p C_V[a] for the keys whose V mask is set
-                        Raw<D / 4> cv[4];
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) {
-                            if ((cur.mk[gi] >> j) & 1u) cv[j].load_cached(vpat_bh + ((cur.vx[gi] >> (8 * j)) & 0xffu) * D);
-                            else cv[j].zero();
-                        }
-                        v_fragments<D, 16, D / 8>(va, cv[0].w, cv[2].w, cv[1].w, cv[3].w);
-                        acc.pv(p, va);
+                    if constexpr (PAT) {  // H[a][row] += p for the keys whose V mask is set
+                        const int e0 = (cur.vx[gi] & 0xff) * NR, e1 = (cur.vx[gi] >> 8) * NR;
+                        if (cur.mk[gi] & 1u) acc.hist_add(e0 + r0, p[0]), acc.hist_add(e0 + r1, p[1]);
+                        if (cur.mk[gi] & 2u) acc.hist_add(e1 + r0, p[2]), acc.hist_add(e1 + r1, p[3]);
                     }
                 }
             };
@@ -272,6 +282,9 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
         mo_w[r0 * D + c1] = acc.o[mb][2];
         mo_w[r1 * D + c1] = acc.o[mb][3];
     }
+    float* row_max = ms + DW * 4 * NR;
+    float* row_sum = row_max + NR;
+    float* inv_scale = row_sum + NR;
     if (gq == 0) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -280,28 +293,85 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
             ms[(warp * 4 + 2) * NR + r0 + i] = acc.pm[i];
         }
     }
+    if (lane == 0) inv_scale[warp] = 1.0f / acc.hscale;
     __syncthreads();
-    float* row_max = ms + DW * 4 * NR;
     if (tid < NR) {
-        float mx = -MINIKV_INF;
+        float mx = -MINIKV_INF, l = 0.0f;
         for (int w = 0; w < DW; ++w) mx = fmaxf(mx, ms[(w * 4) * NR + tid]);
         for (int w = 0; w < DW; ++w) {
-            const float mw = ms[(w * 4) * NR + tid];
-            ms[(w * 4 + 3) * NR + tid] = mw == -MINIKV_INF ? 0.0f : ex2(mw - mx);
+            const float mw = ms[(w * 4) * NR + tid], f = mw == -MINIKV_INF ? 0.0f : ex2(mw - mx);
+            ms[(w * 4 + 3) * NR + tid] = f;
+            l += f * ms[(w * 4 + 1) * NR + tid];
         }
         row_max[tid] = mx;
+        row_sum[tid] = l;
     }
     __syncthreads();
+    const auto merged_o = [&](int r, int d) {
+        float o = 0.0f;
+        for (int w = 0; w < DW; ++w) o += ms[(w * 4 + 3) * NR + r] * mo[(w * NR + r) * D + d];
+        return o;
+    };
+    if constexpr (PAT) {
+        // The warps' outputs merged into slot 0, their histograms into warp 0's, as H / l (<= 1):
+        // fp16 mma operands. Then warp w adds C_V^T H^T for pattern tiles w, w + DW, ... into
+        // slot w (warp 0: on top of the merged output), and slots are summed below.
+        float* hn = reinterpret_cast<float*>(hist);
+        for (int i = tid; i < NR * D; i += NT) mo[i] = merged_o(i / D, i % D);
+        for (int i = tid; i < mp * NR; i += NT) {
+            const int r = i % NR;
+            float h = 0.0f;
+            for (int w = 0; w < DW; ++w)
+                h += ms[(w * 4 + 3) * NR + r] * inv_scale[w] * __uint2float_rn(hist[w * mp * NR + i]);
+            hn[i] = row_sum[r] > 0.0f ? h / row_sum[r] : 0.0f;
+        }
+        __syncthreads();
+        float po[NK][4];
+#pragma unroll
+        for (int i = 0; i < NK; ++i) po[i][0] = po[i][1] = po[i][2] = po[i][3] = 0.0f;
+        const __half* vp = vpat + bh * mmax * D + gq * (D / 8);
+        for (int p0 = warp * 16; p0 < info.patterns; p0 += DW * 16) {
+            // patterns as a group of 16 keys: rows 4c..4c+3 (P.V layout), weights of 2g, 2g+1
+            Raw<D / 4> cv[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (p0 + 4 * cq + j < info.patterns) cv[j].load_cached(vp + (p0 + 4 * cq + j) * D);
+                else cv[j].zero();
+            }
+            const float* h0 = hn + (p0 + 2 * gq) * NR;
+            const float w[4] = {h0[r0], h0[r1], h0[NR + r0], h0[NR + r1]};
+            uint32_t va[NK][4];
+            v_fragments<D, 16, D / 8>(va, cv[0].w, cv[2].w, cv[1].w, cv[3].w);
+            const uint32_t bw[2] = {movtrans(h2u(__floats2half2_rn(w[0], w[1]))),
+                                    movtrans(h2u(__floats2half2_rn(w[2], w[3])))};
+#pragma unroll
+            for (int mb = 0; mb < NK; ++mb) mma16816(po[mb], va[mb], bw);
+        }
+        float* slot = mo + warp * NR * D;
+#pragma unroll
+        for (int mb = 0; mb < NK; ++mb) {
+            const int c0 = gq * (D / 8) + mb, c1 = c0 + NK;
+            const float l0 = row_sum[r0], l1 = row_sum[r1];
+            if (warp == 0) {
+                slot[r0 * D + c0] += po[mb][0] * l0, slot[r1 * D + c0] += po[mb][1] * l1;
+                slot[r0 * D + c1] += po[mb][2] * l0, slot[r1 * D + c1] += po[mb][3] * l1;
+            } else {
+                slot[r0 * D + c0] = po[mb][0] * l0, slot[r1 * D + c0] = po[mb][1] * l1;
+                slot[r0 * D + c1] = po[mb][2] * l0, slot[r1 * D + c1] = po[mb][3] * l1;
+            }
+        }
+        __syncthreads();
+    }
     const long long BHT = (long long)B * H * T;
     for (int i = tid; i < nrows * D; i += NT) {
         const int r = i / D, d = i % D;
-        float o = 0.0f, l = 0.0f, pm = 0.0f;
-        for (int w = 0; w < DW; ++w) {
-            const float f = ms[(w * 4 + 3) * NR + r];
-            o += f * mo[(w * NR + r) * D + d];
-            l += f * ms[(w * 4 + 1) * NR + r];
-            pm += f * ms[(w * 4 + 2) * NR + r];
+        float o = 0.0f, l = row_sum[r], pm = 0.0f;
+        if constexpr (PAT) {
+            for (int w = 0; w < DW; ++w) o += mo[(w * NR + r) * D + d];
+        } else {
+            o = merged_o(r, d);
         }
+        for (int w = 0; w < DW; ++w) pm += ms[(w * 4 + 3) * NR + r] * ms[(w * 4 + 2) * NR + r];
         const long long row = ((long long)b * H + h * g + r % g) * T + r / g;
         o_part[(blockIdx.x * BHT + row) * D + d] = o + pm;
         if (d == 0) {  // attend_reduce merges in natural-log units
@@ -312,9 +382,11 @@ __global__ void __launch_bounds__(DW * 32) attend_decode(MINIKV_ATTEND_PARAMS) {
 }
 
 #ifdef MINIKV_INSTANTIATE_ALL  // the CI compile check builds every variant the wrappers can ask for
-#define DINST(D, M, KB, VB, NG) \
-    void* dinst_##D##_##M##_##KB##_##VB##_##NG = (void*)&attend_decode<D, M, KB, VB, NG>;
-#define DINST_D(M, KB, VB) DINST(64, M, KB, VB, 2) DINST(128, M, KB, VB, 2) DINST(64, M, KB, VB, 4) DINST(128, M, KB, VB, 4)
+#define DINST(D, M, KB, VB, NG, MB) \
+    void* dinst_##D##_##M##_##KB##_##VB##_##NG##_##MB = (void*)&attend_decode<D, M, KB, VB, NG, MB>;
+#define DINST_G(M, KB, VB, NG) DINST(64, M, KB, VB, NG, 2) DINST(128, M, KB, VB, NG, 2) \
+    DINST(64, M, KB, VB, NG, 3) DINST(128, M, KB, VB, NG, 3)
+#define DINST_D(M, KB, VB) DINST_G(M, KB, VB, 2) DINST_G(M, KB, VB, 4)
 DINST_D(DENSE, 16, 16)
 DINST_D(KIVI, 2, 2) DINST_D(KIVI, 4, 4) DINST_D(KIVI, 8, 8) DINST_D(KIVI, 2, 4) DINST_D(KIVI, 4, 2)
 DINST_D(PATTERN, 2, 2) DINST_D(PATTERN, 4, 4) DINST_D(PATTERN, 2, 4)

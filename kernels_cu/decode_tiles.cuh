@@ -19,9 +19,11 @@ struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored i
     static constexpr int QQ = QF + al(NR * D * 2);              // (NR, 4, D/8) half2 q, quantized-K pair order
     static constexpr int SC = QQ + al(NR * D * 2);              // (DW, 2, 2, D) fp16: two chunks' K scales, mins
     static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, D) float: the warps' outputs
-    static constexpr int MS = MO + al(DW * NR * D * 4);         // (DW, 4, NR) + (NR) float: max, sum, sum p m_V, factor
-    static constexpr int QC = MS + al((DW * 4 + 1) * NR * 4);   // patternkv: (NR, mp) q . C_K, log2-scaled
-    __host__ __device__ static constexpr int bytes(bool pat, int mp) { return pat ? QC + al(NR * mp * 4) : QC; }
+    // (DW, 4, NR) float: max, sum, sum p m_V, factor; (NR) row max; (NR) block sum; (DW) 1 / histogram scale
+    static constexpr int MS = MO + al(DW * NR * D * 4);
+    static constexpr int QC = MS + al(((DW * 4 + 2) * NR + DW) * 4);  // patternkv: (NR, mp) q . C_K, log2-scaled
+    __host__ __device__ static constexpr int HI(int mp) { return QC + al(NR * mp * 4); }   // patternkv: (DW, mp, NR) uint32 sums of p
+    __host__ __device__ static constexpr int bytes(bool pat, int mp) { return pat ? HI(mp) + al(DW * mp * NR * 4) : QC; }
 };
 
 // First channel of quantized-K pair hp in lane column c: pair (w, j) of the lane's run holds
@@ -33,11 +35,19 @@ __device__ __forceinline__ int k_pair_lo(int c, int hp) {
 }
 
 // One warp's running attention state: rows r0 = 2c, r1 = 2c + 1 of the kv head's 8.
-template <int D>
+// HIST (patternkv): the warp also sums p per (V pattern, row) into a shared-memory histogram of
+// fixed-point integers (shared-memory float atomics are compare-and-swap loops; integer adds are
+// native), folded into the output once per block (KVQUANT.md 3.5). Its max is then an integer
+// allowed 1 of slack (every p <= 2), so a rescale is an exact shift of the integers.
+template <int D, bool HIST = false>
 struct Acc {
     static constexpr int NK = D / 16;
+    static constexpr float SLACK = HIST ? 1.0f : RESCALE;
     float o[NK][4];  // O^T fragments: (r0, ch), (r1, ch), (r0, ch + D/16), (r1, ch + D/16), ch = g D/8 + mb
     float m[2], l[2], pm[2];  // max (log2 units, warp-uniform), sum of p, sum of p * m_V (lane parts)
+    uint32_t* hist = nullptr;  // HIST: this warp's (mp, NR) sums of p * hscale
+    int hp = 0;                // HIST: patterns in it
+    float hscale = 2097152.0f; // HIST: fixed-point scale, a power of two <= 2^21 (hist_add)
 
     __device__ __forceinline__ void init() {
 #pragma unroll
@@ -56,13 +66,17 @@ struct Acc {
             mx0 = fmaxf(mx0, fmaxf(s[q][0], s[q][2]));
             mx1 = fmaxf(mx1, fmaxf(s[q][1], s[q][3]));
         }
-        if (__any_sync(0xffffffffu, mx0 > m[0] + RESCALE || mx1 > m[1] + RESCALE)) {
+        if (__any_sync(0xffffffffu, mx0 > m[0] + SLACK || mx1 > m[1] + SLACK)) {
 #pragma unroll
             for (int x = 4; x < 32; x <<= 1) {
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
             }
-            const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+            float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+            if constexpr (HIST) {  // integer maxima, moved only where the slack is exceeded
+                n0 = mx0 > m[0] + SLACK ? ceilf(mx0) : m[0];
+                n1 = mx1 > m[1] + SLACK ? ceilf(mx1) : m[1];
+            }
             const float a0 = m[0] == -MINIKV_INF ? 0.0f : ex2(m[0] - n0);
             const float a1 = m[1] == -MINIKV_INF ? 0.0f : ex2(m[1] - n1);
 #pragma unroll
@@ -71,6 +85,9 @@ struct Acc {
                 o[i][1] *= a1, o[i][3] *= a1;
             }
             l[0] *= a0, pm[0] *= a0, l[1] *= a1, pm[1] *= a1;
+            if constexpr (HIST) {  // an empty row (max -inf) has an empty histogram
+                shift_hist(m[0] == -MINIKV_INF ? 0 : (int)(n0 - m[0]), m[1] == -MINIKV_INF ? 0 : (int)(n1 - m[1]));
+            }
             m[0] = n0, m[1] = n1;
         }
 #pragma unroll
@@ -81,6 +98,49 @@ struct Acc {
                 s[q][j] = MASKED && s[q][j] == -MINIKV_INF ? 0.0f : e;
             }
         }
+    }
+
+    // Entries of rows r0, r1 >>= k0, k1 (rounded): lane (g, c) takes patterns g, g + 8, ...;
+    // the warp's earlier adds land first.
+    __device__ __forceinline__ void shift_hist(int k0, int k1) {
+        const int lane = threadIdx.x & 31;
+        const auto sh = [](uint32_t v, int k) { return k >= 32 ? 0u : (v + ((1u << k) >> 1)) >> k; };
+        __syncwarp();
+        if (k0 | k1) {
+            for (int a = lane >> 2; a < hp; a += 8) {
+                uint2* e = reinterpret_cast<uint2*>(hist + a * NR + 2 * (lane & 3));
+                uint2 v = *e;
+                v.x = sh(v.x, k0), v.y = sh(v.y, k1);
+                *e = v;
+            }
+        }
+        __syncwarp();
+    }
+
+    // Before a chunk of at most n keys: an entry holds at most (its row's sum of p + n * 2^SLACK)
+    // * hscale (+ rounding); halve the scale until that stays below 2^31. One key's rounding
+    // error is 0.5 / hscale, so relative to the row's sum it stays near 2^-32 per key.
+    __device__ __forceinline__ void hist_guard(int n) {
+        float s0 = l[0], s1 = l[1];
+#pragma unroll
+        for (int x = 4; x < 32; x <<= 1) {
+            s0 += __shfl_xor_sync(0xffffffffu, s0, x);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, x);
+        }
+        float mx = fmaxf(s0, s1);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float need = (mx + n * 2.0f) * hscale;  // 2 = 2^SLACK
+        if (need >= 2147483648.0f) {  // warp-uniform
+            const int k = (int)ceilf(log2f(need / 2147483648.0f)) + 1;
+            shift_hist(k, k);
+            hscale = ldexpf(hscale, -k);
+        }
+    }
+
+    // Entry e += round(p * hscale): p * hscale + 2^23 has the integer in its low mantissa bits.
+    __device__ __forceinline__ void hist_add(int e, float p) {
+        atomicAdd(hist + e, __float_as_uint(fmaf(p, hscale, 8388608.0f)) - 0x4B000000u);
     }
 
     // O^T += V^T P^T for one group: p = (key 2g: r0, r1; key 2g+1: r0, r1) already times the V
@@ -101,7 +161,7 @@ struct QStep {
     Raw<VBY> v[NG][4];  // keys 4c..4c+3; channels [g D/8, (g+1) D/8)
     uint32_t vs[NG], vm[NG];  // half2: V scale and min of keys 2g, 2g+1
     uint32_t kx[NG];           // patternkv: K patterns of keys 2g, 2g+1 (a byte each)
-    uint32_t vx[NG], mk[NG];   // patternkv: V patterns of keys 4c..4c+3 (a byte each), their V mask bits
+    uint32_t vx[NG], mk[NG];   // patternkv: V patterns of keys 2g, 2g+1 (a byte each), their V mask bits
 
     // tok: storage slot of the first key; bit: its index in the sequence's mask row
     __device__ __forceinline__ void load(long long tok, int bit, const uint8_t* kc, const uint8_t* vc,
@@ -119,9 +179,9 @@ struct QStep {
             vm[q] = __ldcs(reinterpret_cast<const unsigned int*>(vmp + t + 2 * g));
             if constexpr (PAT) {
                 kx[q] = *reinterpret_cast<const uint16_t*>(kidx + t + 2 * g);
-                vx[q] = *reinterpret_cast<const uint32_t*>(vidx + t + 4 * c);
-                const int bq = bit + 16 * q + 4 * c;  // a multiple of 4: the 4 bits share a byte
-                mk[q] = (mask_row[bq >> 3] >> (bq & 7)) & 0xfu;
+                vx[q] = *reinterpret_cast<const uint16_t*>(vidx + t + 2 * g);
+                const int bq = bit + 16 * q + 2 * g;  // even: the 2 bits share a byte
+                mk[q] = (mask_row[bq >> 3] >> (bq & 7)) & 0x3u;
             }
         }
     }

@@ -81,28 +81,40 @@ struct Raw {
     }
 };
 
-// Half2 pair j (0 <= j < 16/BITS) of a word x whose two 16-bit halves each hold 16/BITS codes:
-// (code j of the low half, code j of the high half) as exact fp16 numbers. x8 = x >> 8.
+// Shift of code j (0 <= j < 16/BITS) within its byte of a 16-bit half: code_pair_biased's scale.
 template <int BITS>
-__device__ __forceinline__ uint32_t code_pair(uint32_t x, uint32_t x8, int j) {
-    constexpr int E = 16 / BITS, H = E / 2;  // codes per half; per byte
-    const int jj = j % H, s = jj * BITS;      // j is a compile-time constant after unrolling
-    const uint32_t m = ((1u << BITS) - 1u) << s;
-    const uint32_t v = magic(j < H ? x : x8, m | (m << 16));
-    const __half sc = __float2half_rn(1.0f / (float)(1 << s)), off = __float2half_rn(-1024.0f / (float)(1 << s));
-    return hfma2u(v, h2u(__halves2half2(sc, sc)), h2u(__halves2half2(off, off)));
+__host__ __device__ constexpr int code_shift(int j) { return (j % (8 / BITS)) * BITS; }
+
+// Half2 pair j of a word x whose two 16-bit halves each hold 16/BITS codes, as (code j of the
+// low half, code j of the high half) * 2^code_shift(j) + 1024, exact fp16 numbers, in one
+// instruction: a caller that folds 2^-shift into the other operand and takes 1024 times that
+// operand off the accumulator never needs the codes themselves. x8 = x >> 8.
+template <int BITS>
+__device__ __forceinline__ uint32_t code_pair_biased(uint32_t x, uint32_t x8, int j) {
+    constexpr int H = 8 / BITS;  // codes per byte; j is a compile-time constant after unrolling
+    const uint32_t m = ((1u << BITS) - 1u) << code_shift<BITS>(j);
+    return magic(j < H ? x : x8, m | (m << 16));
 }
 
-// All pairs of NW words: out[w * E + j] = code_pair(words[w], j). For a key's run of codes,
-// pair (w, j) holds channels (w * 2E + j, w * 2E + E + j) of the run.
-template <int BITS, int NW>
+// The pair j as exact codes: code_pair_biased, then one fma with (2^-s, -1024 * 2^-s).
+template <int BITS>
+__device__ __forceinline__ uint32_t code_pair(uint32_t x, uint32_t x8, int j) {
+    const int s = code_shift<BITS>(j);
+    const __half sc = __float2half_rn(1.0f / (float)(1 << s)), off = __float2half_rn(-1024.0f / (float)(1 << s));
+    return hfma2u(code_pair_biased<BITS>(x, x8, j), h2u(__halves2half2(sc, sc)), h2u(__halves2half2(off, off)));
+}
+
+// All pairs of NW words: out[w * E + j] = code_pair(words[w], j) (BIASED: code_pair_biased).
+// For a key's run of codes, pair (w, j) holds channels (w * 2E + j, w * 2E + E + j) of the run.
+template <int BITS, int NW, bool BIASED = false>
 __device__ __forceinline__ void code_pairs(const uint32_t* words, uint32_t* out) {
     constexpr int E = 16 / BITS;
 #pragma unroll
     for (int w = 0; w < NW; ++w) {
         const uint32_t x = words[w], x8 = x >> 8;
 #pragma unroll
-        for (int j = 0; j < E; ++j) out[w * E + j] = code_pair<BITS>(x, x8, j);
+        for (int j = 0; j < E; ++j)
+            out[w * E + j] = BIASED ? code_pair_biased<BITS>(x, x8, j) : code_pair<BITS>(x, x8, j);
     }
 }
 

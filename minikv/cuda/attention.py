@@ -32,8 +32,8 @@ def decode_smem_bytes(D: int, patterns: bool, mp: int) -> int:
     """Shared memory of attend_decode<D, ...>: mirrors DLayout<D>::bytes in decode.cu."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
     W, R = DECODE_WARPS, DECODE_ROWS
-    qc = 2 * al(R * D * 2) + al(W * 4 * D * 2) + al(W * R * D * 4) + al((W * 4 + 1) * R * 4)
-    return qc + al(R * mp * 4) if patterns else qc
+    qc = 2 * al(R * D * 2) + al(W * 4 * D * 2) + al(W * R * D * 4) + al(((W * 4 + 2) * R + W) * 4)
+    return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc
 
 
 @dataclass
@@ -65,9 +65,12 @@ class FusedAttention:
     """decode: route steps of <= 8 query rows per kv head to the register-tile kernel where the
     method allows (False: always the shared-memory-tile kernel; tests compare both).
     groups: 16-key groups each warp of the decode kernel loads a step ahead (None: 4, or 2 for
-    patternkv, whose kernel runs out of registers at 4)."""
+    patternkv, whose kernel runs out of registers at 4). min_blocks: blocks per SM the decode
+    kernel's registers must allow, 2 (ptxas's choice, up to 255 per thread) or 3 (None: 3 for
+    patternkv, 2 for the rest, whose kernels spill at 168 registers)."""
 
-    def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None):
+    def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None,
+                 min_blocks: int | None = None):
         if head_dim not in (64, 128):
             raise ValueError(f"the fused attention kernel takes head_dim 64 or 128, not {head_dim}")
         self.cp, self.D = cp, head_dim
@@ -80,17 +83,20 @@ class FusedAttention:
         self._null_b = cp.zeros(8, np.uint8)
         self._null_f = cp.zeros(16, np.float32)
         self._kernels: dict = {}
-        self.decode, self.groups = decode, groups
+        self.decode, self.groups, self.min_blocks = decode, groups, min_blocks
         self._reduce = kernel("attention", "attend_reduce")
         self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
 
     def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int):
         """rows: 16 or 64 (attention.cu's row tile), 0 for decode.cu's kernel."""
-        key = (method, kb, vb, rows, self.groups)
+        key = (method, kb, vb, rows, self.groups, self.min_blocks)
         if key not in self._kernels:
             m = METHODS[method]
             ng = self.groups or (2 if method == "patternkv" else 4)
-            self._kernels[key] = (kernel("decode", f"attend_decode<{self.D}, {m}, {kb}, {vb}, {ng}>") if rows == 0
+            mb = self.min_blocks or (3 if method == "patternkv" else 2)
+            if mb not in (2, 3):
+                raise ValueError(f"min_blocks must be 2 or 3, not {mb}")
+            self._kernels[key] = (kernel("decode", f"attend_decode<{self.D}, {m}, {kb}, {vb}, {ng}, {mb}>") if rows == 0
                                   else kernel("attention", f"attend<{self.D}, {m}, {kb}, {vb}, {rows}>"))
         k = self._kernels[key]
         if k.max_dynamic_shared_size_bytes < smem:
