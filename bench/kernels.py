@@ -61,8 +61,9 @@ def filled_cache(spec, B, ctx, backend, patterns=None):
         cache.lengths[:] = cache.S + cache.n_chunks * cache.G + 64
     if hasattr(cache, "kidx"):  # as many patterns as the cache would hold: m + one per chunk, to mmax
         m = patterns or min(cache.s["mmax"], cache.s["m"] + int(cache.n_chunks[0]))
-        cache.kidx[0] %= m
-        cache.vidx[0] %= m
+        if m < 256:  # uint8 indexes: the random fill already spans 0..255
+            cache.kidx[0] %= m
+            cache.vidx[0] %= m
         cache.count[:] = m
     return cache
 
