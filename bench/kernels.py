@@ -87,12 +87,14 @@ def graph_time(cp, fn, reps=50) -> float:
     return cp.cuda.get_elapsed_time(e0, e1) / 1e3 / reps
 
 
-def attention_row(spec, B, ctx, backend, groups=None, min_blocks=None, patterns=None):
+def attention_row(spec, B, ctx, backend, groups=None, min_blocks=None, patterns=None, keys_per_pattern=None):
     """(step seconds, kernel seconds, bytes) of one decode step's attention over ctx tokens."""
     cp = backend.xp
     cache = filled_cache(spec, B, ctx, backend, patterns)
     if cache.fused is not None:
         cache.fused.groups, cache.fused.min_blocks = groups, min_blocks
+        if keys_per_pattern is not None:
+            cache.fused.keys_per_pattern = keys_per_pattern
     q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
     k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
 
@@ -155,6 +157,7 @@ def prefill_breakdown(backend, spec, T=8192):
         setattr(obj, name, timed_call)
 
     wrap(cache, "commit", "commit (all of the cache's storing)")
+    wrap(cache, "end_step", "end_step (first flushes batched across layers)")
     wrap(cache, "_flush", "  _flush")
     if hasattr(cache, "_assign"):
         wrap(cache, "_assign", "    _assign")
@@ -190,6 +193,8 @@ def main():
                     help="blocks per SM the decode kernel's registers allow, 2 or 3 (default: the runtime's)")
     ap.add_argument("--patterns", type=int, default=None,
                     help="patternkv's pattern count (default: m + one per chunk, up to mmax, as in use)")
+    ap.add_argument("--keys-per-pattern", type=int, default=None,
+                    help="fewest keys per block per table pattern when splitting patternkv (default: the runtime's)")
     args = ap.parse_args()
     be = get_backend("cuda")
     cp = be.xp
@@ -204,7 +209,8 @@ def main():
         for ctx in args.ctx:
             base = None
             for spec in args.kv:
-                t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups, args.min_blocks, args.patterns)
+                t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups, args.min_blocks, args.patterns,
+                                                       args.keys_per_pattern)
                 gbs = nbytes / t / 1e9
                 base = t if spec == "fp16" else base
                 speed = f"{base / t:.2f}" if base else "-"

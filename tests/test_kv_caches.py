@@ -232,6 +232,31 @@ def test_patternkv_mines_an_evenly_spaced_subsample():
     assert pick[0] == 0 and not np.array_equal(pats[50], pats[0])
 
 
+@pytest.mark.parametrize("budget", [1, 1 << 30])  # every layer alone (as before), all at once
+def test_patternkv_first_flushes_batched_across_layers_store_the_same(stories, ids, budget, monkeypatch):
+    """The prefill's first flushes wait until the step ends (or the byte budget fills) and mine
+    every layer's patterns in one KMeans: storage, patterns and the next step's scores are
+    exactly what flushing each layer on its own gives."""
+    from minikv.kv.patternkv import PatternKVCache
+
+    x = np.asarray([ids[:300], ids[300:600]])
+    out = {}
+    for b in (0, budget):
+        monkeypatch.setattr(PatternKVCache, "FIRST_FLUSH_BATCH_BYTES", b)
+        c = make_cache("patternkv:2,g=32,r=32,kmpoints=64", stories.kv_geometry, 2, 400, CPU)
+        logits = [stories.forward(x, c, logits="all")]
+        logits.append(stories.forward(np.asarray([[ids[600]], [ids[601]]]), c, logits="all"))
+        out[b] = c, logits
+    (a, la), (b, lb) = out[0], out[budget]
+    for name in ("kc", "ks", "km", "vc", "vs", "vm", "kidx", "vidx", "vmask", "kpat", "vpat", "hist_k", "hist_v"):
+        for L in range(stories.cfg.num_hidden_layers):
+            np.testing.assert_array_equal(getattr(a, name)[L], getattr(b, name)[L], err_msg=f"{name}[{L}]")
+    np.testing.assert_array_equal(a.count, b.count)
+    assert a.nbytes() == b.nbytes() and int(a.count.min()) >= 32
+    for u, v in zip(la, lb):
+        np.testing.assert_array_equal(u, v)
+
+
 def test_bits_per_value_counts_everything(stories, ids):
     g = stories.kv_geometry  # D = 8 here, so per-token V scales are expensive
     c = make_cache("kivi:2,g=32,r=32", g, 1, 300, CPU)

@@ -67,10 +67,14 @@ class FusedAttention:
     groups: 16-key groups each warp of the decode kernel loads a step ahead (None: 4, or 2 for
     patternkv, whose kernel runs out of registers at 4). min_blocks: blocks per SM the decode
     kernel's registers must allow, 2 (ptxas's choice, up to 255 per thread) or 3 (None: 3 for
-    patternkv, 2 for the rest, whose kernels spill at 168 registers)."""
+    patternkv, 2 for the rest, whose kernels spill at 168 registers). keys_per_pattern: the
+    fewest keys a block takes per pattern of its tables (patternkv: every block reads both
+    pattern tables from L2, so short splits would read more table than cache)."""
+
+    KEYS_PER_PATTERN = 4  # bench: 4 and 8 equal, 16+ slower (fewer blocks than SMs)
 
     def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None,
-                 min_blocks: int | None = None):
+                 min_blocks: int | None = None, keys_per_pattern: int | None = None):
         if head_dim not in (64, 128):
             raise ValueError(f"the fused attention kernel takes head_dim 64 or 128, not {head_dim}")
         self.cp, self.D = cp, head_dim
@@ -84,6 +88,7 @@ class FusedAttention:
         self._null_f = cp.zeros(16, np.float32)
         self._kernels: dict = {}
         self.decode, self.groups, self.min_blocks = decode, groups, min_blocks
+        self.keys_per_pattern = self.KEYS_PER_PATTERN if keys_per_pattern is None else keys_per_pattern
         self._reduce = kernel("attention", "attend_reduce")
         self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
 
@@ -128,6 +133,7 @@ class FusedAttention:
             rows = 16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64
             smem, threads = smem_bytes(D, rows, mp), THREADS
             row_tiles, min_tiles = -(-g * T // rows), 4  # >= 4 tiles per block amortise the merge
+        min_tiles = max(min_tiles, -(-mp * self.keys_per_pattern // 64))
         blocks = B * Hkv * row_tiles
         kern = self._kernel(s.method, s.kbits, s.vbits, rows, smem)
         # Split the keys so that all blocks run in one wave (a partial second wave can cost up

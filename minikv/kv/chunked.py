@@ -11,6 +11,8 @@ State per layer: the method's packed storage, fp16 sink and window buffers, and 
 keys/values, held from `update` until `commit` (after attention). Attention reads four
 segments: sinks | chunks | window | this step (causal). The reference attention (array ops)
 keeps the flushed chunks dequantized in `hist`, written once per flush, never per step.
+A method may let a sequence's first flush wait until the step ends (nothing reads a layer's
+chunks before the next step) and run it for several layers at once: patternkv's KMeans.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ class ChunkedQuantCache(KVCache):
     BITS: tuple[int, ...] = ()
     DEFAULT_BITS: int | None = None
     INT_OPTIONS = {"g": 128, "r": 128, "sink": 0}  # subclasses extend
+    # > 0: a sequence's first flush (the prefill's chunks) waits, up to this many bytes of K/V,
+    # and runs for several layers at once at the end of the step (see _first_flushes).
+    FIRST_FLUSH_BATCH_BYTES = 0
     STR_OPTIONS: dict[str, tuple[str, ...]] = {}  # name -> choices (first is the default)
 
     # -- spec ---------------------------------------------------------------------------------
@@ -95,6 +100,8 @@ class ChunkedQuantCache(KVCache):
         self._step: list = [None] * geom.n_layers  # this step's (k, v) per layer until commit
         self._groups: list = []
         self._flushing = np.zeros(batch, dtype=np.int64)
+        self._pending: list = []  # first flushes waiting: (layer, rows, n chunks, xk, xv)
+        self._pending_bytes = 0
         self.allocate()
 
     def allocate(self) -> None:
@@ -110,6 +117,7 @@ class ChunkedQuantCache(KVCache):
     def reset(self) -> None:
         super().reset()
         self.n_chunks[:] = 0
+        self._pending, self._pending_bytes = [], 0
 
     def _window_start(self) -> np.ndarray:
         return self.S + self.n_chunks * self.G
@@ -216,15 +224,45 @@ class ChunkedQuantCache(KVCache):
                 continue
             xk = xp.concatenate([self.win_k[layer][r, :, :w], k[r, :, ns:n]], axis=2)  # (nb, Hkv, w', D)
             xv = xp.concatenate([self.win_v[layer][r, :, :w], v[r, :, ns:n]], axis=2)
-            k_hat, v_hat = self._flush(layer, rows, c0, f, xk, xv)
-            if self.fused is None:
-                self.hist_k[layer][r, :, c0 * G:(c0 + f) * G] = k_hat
-                self.hist_v[layer][r, :, c0 * G:(c0 + f) * G] = v_hat
+            if c0 == 0 and self.FIRST_FLUSH_BATCH_BYTES:
+                self._pending.append((layer, rows, f, xk, xv))
+                self._pending_bytes += xk.nbytes + xv.nbytes
+                if self._pending_bytes >= self.FIRST_FLUSH_BATCH_BYTES:
+                    self._drain()
+            else:
+                self._keep_hat(layer, rows, c0, f, self._flush(layer, rows, c0, f, xk, xv))
             rest = xk.shape[2] - f * G
             self.win_k[layer][r, :, :rest] = xk[:, :, f * G:]
             self.win_v[layer][r, :, :rest] = xv[:, :, f * G:]
 
+    def _keep_hat(self, layer, rows, c0, n, hats):
+        """The reference attention's copy of the flushed chunks (the kernel reads the storage)."""
+        if self.fused is None:
+            r, G = self._ix(rows), self.G
+            self.hist_k[layer][r, :, c0 * G:(c0 + n) * G] = hats[0]
+            self.hist_v[layer][r, :, c0 * G:(c0 + n) * G] = hats[1]
+
+    def _drain(self) -> None:
+        """Run the waiting first flushes, grouped by rows and sizes (usually all of them at once)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        groups: dict[tuple, list] = {}
+        for layer, rows, n, xk, xv in pending:
+            groups.setdefault((tuple(rows.tolist()), n, xk.shape), []).append((layer, xk, xv))
+        for (rows, n, _), items in groups.items():
+            rows = np.asarray(rows)
+            layers, xks, xvs = zip(*items)
+            for layer, hats in zip(layers, self._first_flushes(list(layers), rows, n, list(xks), list(xvs))):
+                self._keep_hat(layer, rows, 0, n, hats)
+
+    def _first_flushes(self, layers, rows, n, xks, xvs):
+        """The first flushes of several layers (same rows, same sizes): [_flush's (k_hat, v_hat)]
+        per layer. Methods whose first flush has a costly batched step (KMeans) override it."""
+        return [self._flush(layer, rows, 0, n, xk, xv) for layer, xk, xv in zip(layers, xks, xvs)]
+
     def end_step(self):
+        self._drain()
         super().end_step()
         self.n_chunks += self._flushing
         self._groups, self._flushing = [], np.zeros_like(self.n_chunks)
@@ -241,6 +279,7 @@ class ChunkedQuantCache(KVCache):
         """(B, Hkv, max length, D) float32: every token as the format holds it (fp16 sinks and
         window, flushed chunks decoded from the packed storage alone)."""
         xp, G, S = self.xp, self.G, self.S
+        self._drain()
         k_hat, v_hat = self.dequantize(layer)
         out = [xp.zeros((self.batch, self.geom.n_kv_heads, int(self.lengths.max()), self.geom.head_dim),
                         np.float32) for _ in range(2)]
@@ -254,6 +293,7 @@ class ChunkedQuantCache(KVCache):
 
     # -- accounting ---------------------------------------------------------------------------
     def nbytes(self) -> int:
+        self._drain()
         g = self.geom
         fp16_tokens = int((self.lengths - self.n_chunks * self.G).sum())  # sinks + windows
         return fp16_tokens * 2 * g.n_layers * g.n_kv_heads * g.head_dim * 2 + self.quantized_bytes()

@@ -58,17 +58,36 @@ class PatternKVCache(KiviCache):
         super().reset()
         self.count[:] = 0
 
-    def _assign(self, layer, rows, c0, n, k, v):
-        """Pattern indices (nb, H, n*G) for K and V of the n chunks, updating the patterns."""
+    # The prefill's KMeans is latency-bound (a few sets per layer): batching layers fills the GPU.
+    FIRST_FLUSH_BATCH_BYTES = 256 << 20
+
+    def _first_flushes(self, layers, rows, n, xks, xvs):
+        """One KMeans over every layer's sets (they are independent: each layer gets the centres
+        it would get alone), then each layer's assignment and packing."""
+        cs = self._mine(xks, xvs)
+        return [self._flush(layer, rows, 0, n, xk, xv, c) for layer, xk, xv, c in zip(layers, xks, xvs, cs)]
+
+    def _mine(self, xks, xvs):
+        """KMeans centres of first flushes: xks, xvs [(nb, H, w, D)] -> [(nb, 2H, m, D) float32]
+        (K centres, then V), over at most kmpoints evenly spaced tokens (token 0 first)."""
+        xp = self.xp
+        nb, H, w, D = xks[0].shape
+        m, cap = min(self.s["m"], w), self.s["kmpoints"]
+        pick = slice(None) if not cap or w <= cap else xp.arange(cap) * w // cap
+        kv = xp.concatenate([x[:, :, pick] for pair in zip(xks, xvs) for x in pair], axis=1)  # (nb, L*2H, P, D)
+        kv = kv.astype(np.float32).reshape(nb, len(xks), 2 * H, -1, D).transpose(1, 0, 2, 3, 4)
+        c = self.pm.kmeans(xp, xp.ascontiguousarray(kv).reshape(-1, kv.shape[3], D), m)
+        return list(c.reshape(len(xks), nb, 2 * H, m, D))
+
+    def _assign(self, layer, rows, c0, n, k, v, centres=None):
+        """Pattern indices (nb, H, n*G) for K and V of the n chunks, updating the patterns;
+        centres: the first flush's, if already mined."""
         xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, w, D = k.shape
         kp, vp = self.kpat[layer], self.vpat[layer]
         if c0 == 0:  # first flush of these sequences: mine their window (the prefill)
-            m = min(self.s["m"], w)
-            cap = self.s["kmpoints"]
-            pick = slice(None) if not cap or w <= cap else xp.arange(cap) * w // cap  # evenly spaced, 0 first
-            kv = xp.concatenate([k[:, :, pick], v[:, :, pick]], axis=1)  # (nb, 2H, P, D): K and V sets at once
-            c = self.pm.kmeans(xp, kv.reshape(nb * 2 * H, kv.shape[2], D), m).reshape(nb, 2 * H, m, D)
+            c = centres if centres is not None else self._mine([k], [v])[0]
+            m = c.shape[2]
             kp[r, :, :m], vp[r, :, :m] = c[:, :H].astype(np.float16), c[:, H:].astype(np.float16)
             self.count[layer, rows] = m
             x = xp.concatenate([k[:, :, :n * G], v[:, :, :n * G]], axis=1).reshape(nb * 2 * H, n * G, D)
@@ -90,11 +109,11 @@ class PatternKVCache(KiviCache):
             av.append(self.pm.minmax_assign(xp, cv.reshape(nb * H, G, D), pv).reshape(nb, H, G))
         return xp.concatenate(ak, axis=-1), xp.concatenate(av, axis=-1)
 
-    def _flush(self, layer, rows, c0, n, xk, xv):
+    def _flush(self, layer, rows, c0, n, xk, xv, centres=None):
         xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, _, D = xk.shape
         k, v = xk.astype(np.float32), xv.astype(np.float32)
-        ak, av = self._assign(layer, rows, c0, n, k, v)  # (nb, H, n*G)
+        ak, av = self._assign(layer, rows, c0, n, k, v, centres)  # (nb, H, n*G)
         ck, cv = token_patterns(xp, self.kpat[layer][r], ak), token_patterns(xp, self.vpat[layer][r], av)
         k, v = k[:, :, :n * G], v[:, :, :n * G]
         t0, t1 = c0 * G, (c0 + n) * G
