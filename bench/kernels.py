@@ -162,7 +162,8 @@ def prefill_breakdown(backend, spec, T=8192):
     if hasattr(cache, "_assign"):
         wrap(cache, "_assign", "    _assign")
     for mod in (getattr(cache, "q", None), getattr(cache, "pm", None)):
-        for name in ("quantize_k_chunks", "quantize_v_tokens", "kmeans", "nearest_l2", "v_use_residual"):
+        for name in ("quantize_k_chunks", "quantize_v_tokens", "kmeans", "nearest_l2", "v_use_residual",
+                     "pack_k_residuals", "pack_v_residuals"):
             if mod is not None and hasattr(mod, name):
                 wrap(mod, name, f"      {name}" if name in ("kmeans", "nearest_l2") else f"    {name}")
     cp.cuda.Stream.null.synchronize()

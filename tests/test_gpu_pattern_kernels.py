@@ -194,6 +194,36 @@ def test_v_use_residual_matches_oracle(gpu, N, T, D):
         assert want.any() and not want.all()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("nb,H,n,G,extra,D,M,bits,group", [(1, 8, 3, 64, 0, 128, 40, 2, 128), (2, 3, 2, 32, 17, 64, 7, 3, 64),
+                                                           (1, 2, 1, 16, 5, 128, 256, 4, 32)])
+def test_pack_residuals_match_oracle(gpu, dtype, nb, H, n, G, extra, D, M, bits, group):
+    """The fused PatternKV packing (pattern gather, residual, V test, kivi codes) reads fp16 or
+    float32 K/V rows in place, past-the-chunks window tokens included, and gives the oracle's
+    codes, scales, mins, V verdicts and rebuilt tokens bit for bit."""
+    cp, pk = gpu
+    rng = np.random.default_rng(nb * n * D + M + bits)
+    w, T = n * G + extra, n * G
+    pat = (rng.standard_normal((nb, H, M, D)) * 2).astype(np.float16)
+    idx = rng.integers(0, M, (nb, H, T)).astype(np.uint8)
+    near = np.take_along_axis(pat, idx[..., None].astype(np.int64), 2).astype(np.float32)
+    x = rng.standard_normal((nb, H, w, D)) * rng.uniform(0.1, 3.0, (nb, H, w, 1))
+    x[:, :, :T:2] = near[:, :, ::2] + 0.05 * rng.standard_normal(near[:, :, ::2].shape)  # residual passes the V test
+    x[:, :, 3:T:11] = x[:, :, 3:T:11, :1]  # constant tokens (range 0: stored raw)
+    x = x.astype(np.float16).astype(dtype)
+    gx, gpat, gidx = cp.asarray(x), cp.asarray(pat), cp.asarray(idx)
+    for hat in (True, False):
+        got = pk.pack_k_residuals(cp, gx, gpat, gidx, n, G, bits, hat)
+        want = ref.pack_k_residuals(np, x, pat, idx, n, G, bits, hat)
+        for g, r in zip(got, want):
+            assert (g is None) == (r is None) and (g is None or np.array_equal(cp.asnumpy(g), r))
+        got = pk.pack_v_residuals(cp, gx, gpat, gidx, T, bits, group, hat)
+        want = ref.pack_v_residuals(np, x, pat, idx, T, bits, group, hat)
+        for g, r in zip(got, want):
+            assert (g is None) == (r is None) and (g is None or np.array_equal(cp.asnumpy(g), r))
+    assert want[3].any() and not want[3].all()
+
+
 def test_wrappers_check_arguments(gpu):
     cp, pk = gpu
     x = cp.zeros((2, 8, 64), np.float32)

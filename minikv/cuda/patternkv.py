@@ -17,6 +17,7 @@ import numpy as np
 
 from ..kv.patterns import Z95
 from ..kv import patterns
+from .kivi import check_bits, column_launch, row_launch
 from .module import EXACT, check, f32, i32, kernel
 
 _MOD = "patternkv"
@@ -174,3 +175,64 @@ def _v_use_residual(xp, v, c):
     if N * T:
         _k("v_use_residual")((_cdiv(N * T, 8),), (256,), (v, c, np.int64(N * T), i32(D), f32(k), out))
     return out
+
+
+_CTYPE = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float"}
+
+
+def _residual_args(what: str, x, pat, idx, T: int):
+    """Check pack_*_residuals' inputs; -> (nb, H, w, D, M, C type of x)."""
+    if x.ndim != 4 or np.dtype(x.dtype) not in _CTYPE:
+        raise TypeError(f"{what}: x must be (nb, H, w, D) float16 or float32, got {x.dtype} {x.shape}")
+    nb, H, w, D = check(f"{what} x", x, x.dtype).shape
+    if D % 8 or not 0 < T <= w:
+        raise ValueError(f"{what}: D ({D}) must be a multiple of 8 and 0 < tokens ({T}) <= w ({w})")
+    M = check(f"{what} pat", pat, np.float16, (nb, H, None, D)).shape[2]
+    check(f"{what} idx", idx, np.uint8, (nb, H, T))
+    if x.data.ptr % 16 or pat.data.ptr % 16:
+        raise ValueError(f"{what}: x and pat must be 16-byte aligned")
+    return nb, H, w, D, M, _CTYPE[np.dtype(x.dtype)]
+
+
+def pack_k_residuals(xp, x, pat, idx, n: int, G: int, bits: int, hat: bool = True):
+    """PatternKV's K storage of n chunks of G tokens in one kernel that reads x in place (see
+    minikv.kv.patterns.pack_k_residuals, whose results it gives bit for bit): x (nb, H, w, D)
+    float16/float32, pat (nb, H, M, D) fp16, idx (nb, H, n*G) uint8."""
+    import cupy as cp
+
+    bits = check_bits("pack_k_residuals", bits, (2, 3, 4))
+    nb, H, w, D, M, ct = _residual_args("pack_k_residuals", x, pat, idx, n * G)
+    codes = cp.empty((nb, H, n, G, D * bits // 8), np.uint8)
+    scale, mn = cp.empty((nb, H, n, D), np.float16), cp.empty((nb, H, n, D), np.float16)
+    x_hat = cp.empty((nb, H, n * G, D), np.float32) if hat else None
+    if nb * H * n:
+        grid, block, smem = column_launch(nb * H * n, D)
+        kernel(_MOD, f"pkv_k_chunks<{bits}, {ct}>", EXACT)(
+            grid, block, (x, pat, idx, codes, scale, mn, x_hat if hat else np.uint64(0), i32(w), i32(M), i32(n * G), i32(G),
+                          i32(D)), shared_mem=smem * 2 + 3 * D * 4)
+    return codes, scale, mn, x_hat
+
+
+def pack_v_residuals(xp, x, pat, idx, T: int, bits: int, group: int, hat: bool = True):
+    """PatternKV's V storage of T tokens in one kernel that reads x in place: the V test, then
+    kivi V of the residual or the raw value (see minikv.kv.patterns.pack_v_residuals, whose
+    results it gives bit for bit): x (nb, H, w, D) float16/float32, pat (nb, H, M, D) fp16,
+    idx (nb, H, T) uint8."""
+    import cupy as cp
+
+    bits = check_bits("pack_v_residuals", bits, (2, 3, 4))
+    nb, H, w, D, M, ct = _residual_args("pack_v_residuals", x, pat, idx, T)
+    if group <= 0 or group % 8 or D % group:
+        raise ValueError(f"pack_v_residuals: group={group} must be a multiple of 8 dividing D={D}")
+    codes = cp.empty((nb, H, T, D * bits // 8), np.uint8)
+    scale, mn = cp.empty((nb, H, T, D // group), np.float16), cp.empty((nb, H, T, D // group), np.float16)
+    use = cp.empty((nb, H, T), dtype=bool)
+    x_hat = cp.empty((nb, H, T, D), np.float32) if hat else None
+    R = nb * H * T
+    if R:
+        grid, block, smem = row_launch(R, D)
+        k = np.float32(2.0 * Z95 / math.sqrt(5.0 * D))  # as the oracle computes it
+        kernel(_MOD, f"pkv_v_tokens<{bits}, {ct}>", EXACT)(
+            grid, block, (x, pat, idx, codes, scale, mn, use, x_hat if hat else np.uint64(0), i32(R), i32(w), i32(M), i32(T),
+                          i32(D), i32(group), f32(k)), shared_mem=smem * 4)
+    return codes, scale, mn, use, x_hat

@@ -17,15 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from .kivi import KiviCache
+from .patterns import token_patterns
 from .registry import register
-
-
-def token_patterns(xp, pat, idx):
-    """Each token's pattern: pat (nb, H, M, D) fp16, idx (nb, H, T) -> (nb, H, T, D) float32.
-    One row gather from the flattened table (take_along_axis would build (nb, H, T, D) indexes)."""
-    nb, H, M, D = pat.shape
-    rows = xp.arange(nb * H, dtype=np.int64).reshape(nb, H, 1) * M + idx.astype(np.int64)
-    return pat.reshape(nb * H * M, D)[rows.reshape(-1)].reshape(nb, H, idx.shape[2], D).astype(np.float32)
 
 
 @register("patternkv")
@@ -112,26 +105,21 @@ class PatternKVCache(KiviCache):
     def _flush(self, layer, rows, c0, n, xk, xv, centres=None):
         xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, _, D = xk.shape
-        k, v = xk.astype(np.float32), xv.astype(np.float32)
-        ak, av = self._assign(layer, rows, c0, n, k, v, centres)  # (nb, H, n*G)
-        ck, cv = token_patterns(xp, self.kpat[layer][r], ak), token_patterns(xp, self.vpat[layer][r], av)
-        k, v = k[:, :, :n * G], v[:, :, :n * G]
         t0, t1 = c0 * G, (c0 + n) * G
-        kc, ks, km, rk_hat = self.q.quantize_k_chunks(xp, (k - ck).reshape(nb, H, n, G, D), self.s["kbits"])
+        ak, av = self._assign(layer, rows, c0, n, xk.astype(np.float32), xv.astype(np.float32), centres)
+        ak, av = (xp.ascontiguousarray(a, dtype=np.uint8) for a in (ak, av))  # (nb, H, n*G)
+        hat = self.fused is None  # only the reference attention reads the rebuilt tokens
+        kc, ks, km, k_hat = self.pm.pack_k_residuals(xp, xk, self.kpat[layer][r], ak, n, G, self.s["kbits"], hat)
+        vc, vs, vm, use, v_hat = self.pm.pack_v_residuals(xp, xv, self.vpat[layer][r], av, n * G, self.s["vbits"],
+                                                          self.vgroup, hat)
         self.kc[layer][r, :, c0:c0 + n], self.ks[layer][r, :, c0:c0 + n] = kc, ks
         self.km[layer][r, :, c0:c0 + n] = km
-        use = self.pm.v_use_residual(xp, v, cv)  # (nb, H, n*G)
-        cv = xp.where(use[..., None], cv, np.float32(0.0))
-        vc, vs, vm, rv_hat = self.q.quantize_v_tokens(xp, v - cv, self.s["vbits"], self.vgroup)
         self.vc[layer][r, :, t0:t1], self.vs[layer][r, :, t0:t1] = vc, vs
         self.vm[layer][r, :, t0:t1] = vm
-        self.kidx[layer][r, :, t0:t1] = ak.astype(np.uint8)
-        self.vidx[layer][r, :, t0:t1] = av.astype(np.uint8)
+        self.kidx[layer][r, :, t0:t1], self.vidx[layer][r, :, t0:t1] = ak, av
         bits = use.reshape(nb, H, n * G // 8, 8).astype(np.uint8) << xp.arange(8, dtype=np.uint8)
         self.vmask[layer][r, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
-        if self.fused is not None:  # the kernel reads the storage: nothing to rebuild
-            return None, None
-        return ck.reshape(nb, H, n * G, D) + rk_hat.reshape(nb, H, n * G, D), cv + rv_hat
+        return k_hat, v_hat
 
     def pattern_counts(self, layer):
         return self.count[layer]

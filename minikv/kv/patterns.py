@@ -85,6 +85,42 @@ def chebyshev_centre(x):
     return (x.max(1) + x.min(1)) * np.float32(0.5)
 
 
+def token_patterns(xp, pat, idx):
+    """Each token's pattern: pat (nb, H, M, D) fp16, idx (nb, H, T) -> (nb, H, T, D) float32.
+    One row gather from the flattened table (take_along_axis would build (nb, H, T, D) indexes)."""
+    nb, H, M, D = pat.shape
+    rows = xp.arange(nb * H, dtype=np.int64).reshape(nb, H, 1) * M + idx.astype(np.int64)
+    return pat.reshape(nb * H * M, D)[rows.reshape(-1)].reshape(nb, H, idx.shape[2], D).astype(np.float32)
+
+
+def pack_k_residuals(xp, x, pat, idx, n: int, G: int, bits: int, hat: bool = True):
+    """PatternKV's K storage of n chunks of G tokens: x (nb, H, w >= n*G, D) holding fp16 values,
+    pat (nb, H, M, D) fp16, idx (nb, H, n*G) uint8 -> kivi K codes (nb, H, n, G, D*b/8), scale,
+    min (nb, H, n, D) of the residuals x - pat[idx], and (if hat) each token rebuilt, pattern +
+    decoded residual (nb, H, n*G, D) float32, else None."""
+    from .kivi import quantize_k_chunks
+
+    nb, H, _, D = x.shape
+    c = token_patterns(xp, pat, idx)
+    r = x[:, :, :n * G].astype(np.float32) - c
+    kc, ks, km, r_hat = quantize_k_chunks(xp, r.reshape(nb, H, n, G, D), bits)
+    return kc, ks, km, (c + r_hat.reshape(nb, H, n * G, D)) if hat else None
+
+
+def pack_v_residuals(xp, x, pat, idx, T: int, bits: int, group: int, hat: bool = True):
+    """PatternKV's V storage of T tokens: per token the V test, then kivi V of the residual
+    x - pat[idx] where it passes, of x itself where not. x (nb, H, w >= T, D) holding fp16 values,
+    pat (nb, H, M, D) fp16, idx (nb, H, T) uint8 -> codes (nb, H, T, D*b/8), scale, min (nb, H,
+    T, D/group), use (nb, H, T) bool, and (if hat) chosen pattern + decoded value, else None."""
+    from .kivi import quantize_v_tokens
+
+    v, c = x[:, :, :T].astype(np.float32), token_patterns(xp, pat, idx)
+    use = v_use_residual(xp, v, c)
+    c = xp.where(use[..., None], c, np.float32(0.0))
+    vc, vs, vm, r_hat = quantize_v_tokens(xp, v - c, bits, group)
+    return vc, vs, vm, use, (c + r_hat) if hat else None
+
+
 def v_use_residual(xp, v, c):
     """PatternKV's V test per token: with rho = range(v - c) / range(v), use the residual iff
     1 - rho^2 >= (2 z / sqrt(5 D)) sqrt(1 + rho^4), z = Phi^-1(0.95). v, c (N, T, D) -> bool (N, T)."""
