@@ -87,7 +87,8 @@ def graph_time(cp, fn, reps=50) -> float:
     return cp.cuda.get_elapsed_time(e0, e1) / 1e3 / reps
 
 
-def attention_row(spec, B, ctx, backend, groups=None, min_blocks=None, patterns=None, keys_per_pattern=None):
+def attention_row(spec, B, ctx, backend, groups=None, min_blocks=None, patterns=None, keys_per_pattern=None,
+                  min_keys=None):
     """(step seconds, kernel seconds, bytes) of one decode step's attention over ctx tokens."""
     cp = backend.xp
     cache = filled_cache(spec, B, ctx, backend, patterns)
@@ -95,6 +96,8 @@ def attention_row(spec, B, ctx, backend, groups=None, min_blocks=None, patterns=
         cache.fused.groups, cache.fused.min_blocks = groups, min_blocks
         if keys_per_pattern is not None:
             cache.fused.keys_per_pattern = keys_per_pattern
+        if min_keys is not None:
+            cache.fused.min_keys = min_keys
     q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
     k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
 
@@ -196,6 +199,8 @@ def main():
                     help="patternkv's pattern count (default: m + one per chunk, up to mmax, as in use)")
     ap.add_argument("--keys-per-pattern", type=int, default=None,
                     help="fewest keys per block per table pattern when splitting patternkv (default: the runtime's)")
+    ap.add_argument("--min-keys", type=int, default=None,
+                    help="fewest keys per block when splitting a sequence (default: the runtime's)")
     args = ap.parse_args()
     be = get_backend("cuda")
     cp = be.xp
@@ -211,7 +216,7 @@ def main():
             base = None
             for spec in args.kv:
                 t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups, args.min_blocks, args.patterns,
-                                                       args.keys_per_pattern)
+                                                       args.keys_per_pattern, args.min_keys)
                 gbs = nbytes / t / 1e9
                 base = t if spec == "fp16" else base
                 speed = f"{base / t:.2f}" if base else "-"

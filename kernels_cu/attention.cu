@@ -323,26 +323,34 @@ __global__ void __launch_bounds__(THREADS) attend(MINIKV_ATTEND_PARAMS) {
 }
 
 // Merge the splits of each (b, h, t) row: out = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m).
-// out (B, T, H, D) fp16, so that the model's (B, T, H*D) view of it needs no copy.
+// out (B, T, H, D) fp16, so that the model's (B, T, H*D) view of it needs no copy. One block per
+// row; the splits' weights are computed in parallel into dynamic shared memory (n_split
+// floats), then thread d sums its column with the loads of several splits in flight (one
+// sequence at batch 1 has tens of splits: a serial walk over them was latency-bound).
 extern "C" __global__ void attend_reduce(const float* __restrict__ o_part, const float* __restrict__ ml_part,
                                          __half* __restrict__ out, int n_split, int H, int T, int D,
                                          long long BHT) {
+    extern __shared__ float wsh[];  // (n_split) weights e^(m_s - m); 0 for empty splits
+    __shared__ float red[32];
     const long long row = blockIdx.x;  // (b, h, t)
     const int t = row % T, h = (row / T) % H, b = row / ((long long)T * H);
     float m = -MINIKV_INF;
-    for (int s = 0; s < n_split; ++s) m = fmaxf(m, ml_part[(s * BHT + row) * 2]);
+    for (int s = threadIdx.x; s < n_split; s += blockDim.x) m = fmaxf(m, ml_part[(s * BHT + row) * 2]);
+    m = block_max(m, red);
     float l = 0.0f;
-    for (int s = 0; s < n_split; ++s) {
+    for (int s = threadIdx.x; s < n_split; s += blockDim.x) {
         const float ms = ml_part[(s * BHT + row) * 2];
-        if (ms != -MINIKV_INF) l += ml_part[(s * BHT + row) * 2 + 1] * __expf(ms - m);
+        const float w = ms != -MINIKV_INF ? __expf(ms - m) : 0.0f;
+        wsh[s] = w;
+        l += ml_part[(s * BHT + row) * 2 + 1] * w;
     }
+    l = block_sum(l, red);  // its barriers also publish wsh
     __half* dst = out + (((long long)b * T + t) * H + h) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;
-        for (int s = 0; s < n_split; ++s) {
-            const float ms = ml_part[(s * BHT + row) * 2];
-            if (ms != -MINIKV_INF) acc += o_part[(s * BHT + row) * D + d] * __expf(ms - m);
-        }
+#pragma unroll 8
+        for (int s = 0; s < n_split; ++s)
+            if (wsh[s] != 0.0f) acc += o_part[(s * BHT + row) * D + d] * wsh[s];
         dst[d] = __float2half_rn(l > 0.0f ? acc / l : 0.0f);
     }
 }

@@ -69,9 +69,11 @@ class FusedAttention:
     kernel's registers must allow, 2 (ptxas's choice, up to 255 per thread) or 3 (None: 3 for
     patternkv, 2 for the rest, whose kernels spill at 168 registers). keys_per_pattern: the
     fewest keys a block takes per pattern of its tables (patternkv: every block reads both
-    pattern tables from L2, so short splits would read more table than cache)."""
+    pattern tables from L2, so short splits would read more table than cache). min_keys: the
+    fewest keys a block takes (a block's prologue and its share of the merge are fixed costs)."""
 
     KEYS_PER_PATTERN = 4  # bench: 4 and 8 equal, 16+ slower (fewer blocks than SMs)
+    MIN_KEYS = 0
 
     def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None,
                  min_blocks: int | None = None, keys_per_pattern: int | None = None):
@@ -89,6 +91,7 @@ class FusedAttention:
         self._kernels: dict = {}
         self.decode, self.groups, self.min_blocks = decode, groups, min_blocks
         self.keys_per_pattern = self.KEYS_PER_PATTERN if keys_per_pattern is None else keys_per_pattern
+        self.min_keys = self.MIN_KEYS
         self._reduce = kernel("attention", "attend_reduce")
         self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
 
@@ -133,7 +136,7 @@ class FusedAttention:
             rows = 16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64
             smem, threads = smem_bytes(D, rows, mp), THREADS
             row_tiles, min_tiles = -(-g * T // rows), 4  # >= 4 tiles per block amortise the merge
-        min_tiles = max(min_tiles, -(-mp * self.keys_per_pattern // 64))
+        min_tiles = max(min_tiles, -(-mp * self.keys_per_pattern // 64), -(-self.min_keys // 64))
         blocks = B * Hkv * row_tiles
         kern = self._kernel(s.method, s.kbits, s.vbits, rows, smem)
         # Split the keys so that all blocks run in one wave (a partial second wave can cost up
@@ -169,7 +172,8 @@ class FusedAttention:
             shared_mem=smem)
         out = cp.empty((B, T, H, D), np.float16)
         self._reduce((B * H * T,), (min(D, 128),),
-                     (o_part, ml_part, out, i32(n_split), i32(H), i32(T), i32(D), np.int64(B * H * T)))
+                     (o_part, ml_part, out, i32(n_split), i32(H), i32(T), i32(D), np.int64(B * H * T)),
+                     shared_mem=4 * n_split)
         return out.transpose(0, 2, 1, 3)
 
 
