@@ -8,10 +8,7 @@
 
 namespace kivi {
 
-using minikv::quant::f16_round;
-using minikv::quant::load8;
-using minikv::quant::pack8;
-using minikv::quant::store8;
+using namespace minikv::quant;  // f16_round, load8, pack8, store8
 
 // packing.uniform_params of one (min, max): min rounded down, (max - min) / (2^B - 1) rounded up.
 // Adding +0 first makes -0 +0: a reduction over +0 and -0 may return either, in any order.

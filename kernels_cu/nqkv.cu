@@ -10,10 +10,7 @@
 
 namespace nqkv {
 
-using minikv::quant::f16_round;
-using minikv::quant::load8;
-using minikv::quant::pack8;
-using minikv::quant::store8;
+using namespace minikv::quant;  // f16_round, load8, pack8, store8
 
 
 // packing.nf_codes + nf_dequant of one value against float32 absmax a (tables in shared memory).
