@@ -77,10 +77,8 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
             f.load(pat, pat, D, p0, info.patterns);
             float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             dense_scores<D>(s, f.k, bf);
-            qc[r0 * mp + p0 + 2 * gq] = s[0] * sl2;
-            qc[r1 * mp + p0 + 2 * gq] = s[1] * sl2;
-            qc[r0 * mp + p0 + 2 * gq + 1] = s[2] * sl2;
-            qc[r1 * mp + p0 + 2 * gq + 1] = s[3] * sl2;
+            *reinterpret_cast<float2*>(qc + (p0 + 2 * gq) * NR + r0) = make_float2(s[0] * sl2, s[1] * sl2);
+            *reinterpret_cast<float2*>(qc + (p0 + 2 * gq + 1) * NR + r0) = make_float2(s[2] * sl2, s[3] * sl2);
         }
     }
     __syncthreads();
@@ -195,9 +193,9 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                     s[gi][0] = s[gi][2] = qm0;  // the accumulators start at the affine part
                     s[gi][1] = s[gi][3] = qm1;
                     if constexpr (PAT) {
-                        const int p0 = cur.kx[gi] & 0xff, p1 = cur.kx[gi] >> 8;
-                        s[gi][0] += qc[r0 * mp + p0], s[gi][1] += qc[r1 * mp + p0];
-                        s[gi][2] += qc[r0 * mp + p1], s[gi][3] += qc[r1 * mp + p1];
+                        const float2 c0 = *reinterpret_cast<const float2*>(qc + (cur.kx[gi] & 0xff) * NR + r0);
+                        const float2 c1 = *reinterpret_cast<const float2*>(qc + (cur.kx[gi] >> 8) * NR + r0);
+                        s[gi][0] += c0.x, s[gi][1] += c0.y, s[gi][2] += c1.x, s[gi][3] += c1.y;
                     }
 #pragma unroll
                     for (int kk = 0; kk < NK; ++kk) {
@@ -221,8 +219,10 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                     acc.pv(pv, va);
                     if constexpr (PAT) {  // H[a][row] += p for the keys whose V mask is set
                         const int e0 = (cur.vx[gi] & 0xff) * NR, e1 = (cur.vx[gi] >> 8) * NR;
-                        if (cur.mk[gi] & 1u) acc.hist_add(e0 + r0, p[0]), acc.hist_add(e0 + r1, p[1]);
-                        if (cur.mk[gi] & 2u) acc.hist_add(e1 + r0, p[2]), acc.hist_add(e1 + r1, p[3]);
+                        // unconditional (a key off the mask adds 0): no divergent branches around the atomics
+                        const float w0 = (float)(cur.mk[gi] & 1u), w1 = (float)(cur.mk[gi] >> 1);
+                        acc.hist_add(e0 + r0, p[0] * w0), acc.hist_add(e0 + r1, p[1] * w0);
+                        acc.hist_add(e1 + r0, p[2] * w1), acc.hist_add(e1 + r1, p[3] * w1);
                     }
                 }
             };

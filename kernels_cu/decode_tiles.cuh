@@ -21,7 +21,7 @@ struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored i
     static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, D) float: the warps' outputs
     // (DW, 4, NR) float: max, sum, sum p m_V, factor; (NR) row max; (NR) block sum; (DW) 1 / histogram scale
     static constexpr int MS = MO + al(DW * NR * D * 4);
-    static constexpr int QC = MS + al(((DW * 4 + 2) * NR + DW) * 4);  // patternkv: (NR, mp) q . C_K, log2-scaled
+    static constexpr int QC = MS + al(((DW * 4 + 2) * NR + DW) * 4);  // patternkv: (mp, NR) q . C_K, log2-scaled
     __host__ __device__ static constexpr int HI(int mp) { return QC + al(NR * mp * 4); }   // patternkv: (DW, mp, NR) uint32 sums of p
     __host__ __device__ static constexpr int bytes(bool pat, int mp) { return pat ? HI(mp) + al(DW * mp * NR * 4) : QC; }
 };
