@@ -39,6 +39,7 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
     extern __shared__ __align__(128) unsigned char smem[];
     __half* Qf = reinterpret_cast<__half*>(smem + L::QF);
     uint32_t* Qq = reinterpret_cast<uint32_t*>(smem + L::QQ);
+    float* Qs = reinterpret_cast<float*>(smem + L::QS);
     __half* sc = reinterpret_cast<__half*>(smem + L::SC);
     float* mo = reinterpret_cast<float*>(smem + L::MO);
     float* ms = reinterpret_cast<float*>(smem + L::MS);
@@ -64,8 +65,11 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
     }
     if constexpr (QUANT) {
         for (int i = tid; i < NR * D / 2; i += NT) {
-            const int r = i / (D / 2), c = (i / (D / 8)) % 4, lo = k_pair_lo<D, KB>(c, i % (D / 8));
-            Qq[i] = h2u(__halves2half2(Qf[r * D + lo], Qf[r * D + lo + 16 / KB]));
+            const int r = i / (D / 2), c = (i / (D / 8)) % 4, hp = i % (D / 8), lo = k_pair_lo<D, KB>(c, hp);
+            const __half a = Qf[r * D + lo], z = Qf[r * D + lo + 16 / KB];
+            Qq[i] = h2u(__halves2half2(a, z));
+            const float f = sl2 / (float)(1 << code_shift<KB>(hp % (16 / KB)));
+            *reinterpret_cast<float2*>(Qs + (i / (D / 8)) * QSS<D> + 2 * hp) = make_float2(__half2float(a) * f, __half2float(z) * f);
         }
     }
     if constexpr (PAT) {  // q . C_K for every K pattern (log2-scaled), 16 patterns per warp at a time
@@ -157,24 +161,41 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                 if (fetched) cp_async_wait<1>();  // the next chunk's fetch may still be in flight
                 else cp_async_wait<0>();
                 __syncwarp();
-                const __half* s_ = sc + (warp * 2 + (ci & 1)) * 2 * D;
-                const __half* m_ = s_ + D;
-                // Keys arrive as code * 2^shift + 1024 (code_pair_biased): B carries 2^-shift, and
-                // the accumulators start 1024 * sum(B) lower (summed from the rounded fp16 B).
-                float qm = 0.0f, off = 0.0f;
+                // This lane's run of channels [cq D/4, (cq+1) D/4) of the K scales and mins (fp16), in
+                // blocks of E words: pair hp = wb E + j of the run is halves (j, E + j) of block wb.
+                // Keys arrive as code * 2^shift + 1024 (code_pair_biased): B = q * s_K * scale * log2(e)
+                // * 2^-shift (Qs holds q times all but s_K, in float), rounded to fp16 once. The
+                // accumulators start at (q . m_K) * scale * log2(e) - 1024 * sum(B) (the rounded B):
+                // each lane sums its row gq's share, then the quad adds them up.
+                constexpr int E = 16 / KB;
+                const uint32_t* s_ = reinterpret_cast<const uint32_t*>(sc + (warp * 2 + (ci & 1)) * 2 * D) + cq * (D / 8);
+                const uint32_t* m_ = s_ + D / 2;
+                const float* qs = Qs + (gq * 4 + cq) * QSS<D>;
+                float qm = 0.0f, off0 = 0.0f, off1 = 0.0f;
 #pragma unroll
-                for (int hp = 0; hp < D / 8; ++hp) {
-                    const int c0 = k_pair_lo<D, KB>(cq, hp), c1 = c0 + 16 / KB;
-                    const float f = sl2 / (float)(1 << code_shift<KB>(hp % (16 / KB)));
-                    const float2 qf = __half22float2(u2h(Qq[(gq * 4 + cq) * (D / 8) + hp]));
-                    const __half2 b2 = __floats2half2_rn(qf.x * __half2float(s_[c0]) * f, qf.y * __half2float(s_[c1]) * f);
-                    bk[hp % NK][hp / NK] = h2u(b2);
-                    const float2 bf2 = __half22float2(b2);
-                    off += bf2.x + bf2.y;
-                    qm += qf.x * __half2float(m_[c0]) + qf.y * __half2float(m_[c1]);
+                for (int wb = 0; wb < D / 8 / E; ++wb) {
+                    uint32_t sw[E], mw[E];
+#pragma unroll
+                    for (int i = 0; i < E; i += 2) {
+                        const uint2 x = reinterpret_cast<const uint2*>(s_ + wb * E)[i / 2];
+                        const uint2 y = reinterpret_cast<const uint2*>(m_ + wb * E)[i / 2];
+                        sw[i] = x.x, sw[i + 1] = x.y, mw[i] = y.x, mw[i + 1] = y.y;
+                    }
+#pragma unroll
+                    for (int j = 0; j < E; ++j) {
+                        const int hp = wb * E + j;
+                        const float2 qf = *reinterpret_cast<const float2*>(qs + 2 * hp);
+                        const float2 sf = __half22float2(__halves2half2(half_of(sw, j), half_of(sw, E + j)));
+                        const float2 mf = __half22float2(__halves2half2(half_of(mw, j), half_of(mw, E + j)));
+                        const __half2 b2 = __floats2half2_rn(qf.x * sf.x, qf.y * sf.y);
+                        bk[hp % NK][hp / NK] = h2u(b2);
+                        const float2 bf2 = __half22float2(b2);
+                        off0 += bf2.x, off1 += bf2.y;
+                        qm += (qf.x * mf.x + qf.y * mf.y) * (float)(1 << code_shift<KB>(j % (16 / KB)));
+                    }
                 }
                 __syncwarp();  // the buffer is refilled two chunks later
-                qm = qm * sl2 - 1024.0f * off;
+                qm -= 1024.0f * (off0 + off1);
                 qm += __shfl_xor_sync(0xffffffffu, qm, 1);
                 qm += __shfl_xor_sync(0xffffffffu, qm, 2);
                 qm0 = __shfl_sync(0xffffffffu, qm, 8 * cq);  // row r lives in lanes 4r..4r+3

@@ -12,12 +12,18 @@ constexpr int NR = 8;             // query rows per kv head (the mma's N)
 constexpr float RESCALE = 8.0f;   // log2 growth of a row's max that forces a rescale
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
+// Floats per (row, lane column) of the pair-ordered scaled q: D/4, padded by 2 so that a warp's
+// 32 lanes, each reading a float2 of its own (row, column), hit different banks.
+template <int D>
+constexpr int QSS = D / 4 + 2;
+
 template <int D>
 struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored in cuda/attention.py
     __host__ __device__ static constexpr int al(int x) { return (x + 127) / 128 * 128; }
     static constexpr int QF = 0;                                // (NR, D) fp16 q, channel order
     static constexpr int QQ = QF + al(NR * D * 2);              // (NR, 4, D/8) half2 q, quantized-K pair order
-    static constexpr int SC = QQ + al(NR * D * 2);              // (DW, 2, 2, D) fp16: two chunks' K scales, mins
+    static constexpr int QS = QQ + al(NR * D * 2);              // (NR, 4, QSS) float: q * scale * log2(e) * 2^-shift, pair order
+    static constexpr int SC = QS + al(NR * 4 * QSS<D> * 4);     // (DW, 2, 2, D) fp16: two chunks' K scales, mins
     static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, D) float: the warps' outputs
     // (DW, 4, NR) float: max, sum, sum p m_V, factor; (NR) row max; (NR) block sum; (DW) 1 / histogram scale
     static constexpr int MS = MO + al(DW * NR * D * 4);

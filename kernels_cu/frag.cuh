@@ -118,6 +118,12 @@ __device__ __forceinline__ void code_pairs(const uint32_t* words, uint32_t* out)
     }
 }
 
+// Half o of an array of 32-bit words (o a compile-time constant after unrolling).
+__device__ __forceinline__ __half half_of(const uint32_t* w, int o) {
+    const uint32_t x = w[o / 2];
+    return __ushort_as_half(static_cast<unsigned short>((o & 1) ? x >> 16 : x & 0xffffu));
+}
+
 // The 16-bit half i of a and of b, as one word (a's in the low half).
 __device__ __forceinline__ uint32_t halves(const uint32_t* a, const uint32_t* b, int i) {
     return prmt(a[i / 2], b[i / 2], (i & 1) ? 0x7632u : 0x5410u);

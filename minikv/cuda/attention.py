@@ -32,7 +32,7 @@ def decode_smem_bytes(D: int, patterns: bool, mp: int) -> int:
     """Shared memory of attend_decode<D, ...>: mirrors DLayout<D>::bytes in decode.cu."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
     W, R = DECODE_WARPS, DECODE_ROWS
-    qc = 2 * al(R * D * 2) + al(W * 4 * D * 2) + al(W * R * D * 4) + al(((W * 4 + 2) * R + W) * 4)
+    qc = 2 * al(R * D * 2) + al(R * 4 * (D // 4 + 2) * 4) + al(W * 4 * D * 2) + al(W * R * D * 4) + al(((W * 4 + 2) * R + W) * 4)
     return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc
 
 
