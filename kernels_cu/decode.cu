@@ -161,41 +161,8 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                 if (fetched) cp_async_wait<1>();  // the next chunk's fetch may still be in flight
                 else cp_async_wait<0>();
                 __syncwarp();
-                // This lane's run of channels [cq D/4, (cq+1) D/4) of the K scales and mins (fp16), in
-                // blocks of E words: pair hp = wb E + j of the run is halves (j, E + j) of block wb.
-                // Keys arrive as code * 2^shift + 1024 (code_pair_biased): B = q * s_K * scale * log2(e)
-                // * 2^-shift (Qs holds q times all but s_K, in float), rounded to fp16 once. The
-                // accumulators start at (q . m_K) * scale * log2(e) - 1024 * sum(B) (the rounded B):
-                // each lane sums its row gq's share, then the quad adds them up.
-                constexpr int E = 16 / KB;
-                const uint32_t* s_ = reinterpret_cast<const uint32_t*>(sc + (warp * 2 + (ci & 1)) * 2 * D) + cq * (D / 8);
-                const uint32_t* m_ = s_ + D / 2;
-                const float* qs = Qs + (gq * 4 + cq) * QSS<D>;
-                float qm = 0.0f, off0 = 0.0f, off1 = 0.0f;
-#pragma unroll
-                for (int wb = 0; wb < D / 8 / E; ++wb) {
-                    uint32_t sw[E], mw[E];
-#pragma unroll
-                    for (int i = 0; i < E; i += 2) {
-                        const uint2 x = reinterpret_cast<const uint2*>(s_ + wb * E)[i / 2];
-                        const uint2 y = reinterpret_cast<const uint2*>(m_ + wb * E)[i / 2];
-                        sw[i] = x.x, sw[i + 1] = x.y, mw[i] = y.x, mw[i + 1] = y.y;
-                    }
-#pragma unroll
-                    for (int j = 0; j < E; ++j) {
-                        const int hp = wb * E + j;
-                        const float2 qf = *reinterpret_cast<const float2*>(qs + 2 * hp);
-                        const float2 sf = __half22float2(__halves2half2(half_of(sw, j), half_of(sw, E + j)));
-                        const float2 mf = __half22float2(__halves2half2(half_of(mw, j), half_of(mw, E + j)));
-                        const __half2 b2 = __floats2half2_rn(qf.x * sf.x, qf.y * sf.y);
-                        bk[hp % NK][hp / NK] = h2u(b2);
-                        const float2 bf2 = __half22float2(b2);
-                        off0 += bf2.x, off1 += bf2.y;
-                        qm += (qf.x * mf.x + qf.y * mf.y) * (float)(1 << code_shift<KB>(j % (16 / KB)));
-                    }
-                }
+                float qm = chunk_operands<D, KB>(bk, sc + (warp * 2 + (ci & 1)) * 2 * D, Qs + (gq * 4 + cq) * QSS<D>);
                 __syncwarp();  // the buffer is refilled two chunks later
-                qm -= 1024.0f * (off0 + off1);
                 qm += __shfl_xor_sync(0xffffffffu, qm, 1);
                 qm += __shfl_xor_sync(0xffffffffu, qm, 2);
                 qm0 = __shfl_sync(0xffffffffu, qm, 8 * cq);  // row r lives in lanes 4r..4r+3

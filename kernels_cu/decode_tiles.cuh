@@ -159,6 +159,48 @@ struct Acc {
     }
 };
 
+// A chunk's score operands for lane (g, c): bk = the B fragments (quantized-K pair order) of row
+// g's q times the chunk's K scales; returns row g's share, over the lane's channels, of the
+// accumulators' start value. sm: the chunk's K scales then mins, (2, D) fp16 in shared memory;
+// qs: row g's pair-ordered q * scale * log2(e) * 2^-shift for this lane's column (QSS floats).
+template <int D, int KB>
+__device__ __forceinline__ float chunk_operands(uint32_t (&bk)[D / 16][2], const __half* sm, const float* qs) {
+    constexpr int NK = D / 16;
+    // This lane's run of channels [c D/4, (c+1) D/4) of the K scales and mins (fp16), in
+    // blocks of E words: pair hp = wb E + j of the run is halves (j, E + j) of block wb.
+    // Keys arrive as code * 2^shift + 1024 (code_pair_biased): B = q * s_K * scale * log2(e)
+    // * 2^-shift (Qs holds q times all but s_K, in float), rounded to fp16 once. The
+    // accumulators start at (q . m_K) * scale * log2(e) - 1024 * sum(B) (the rounded B):
+    // this is the lane's share of row g's (the caller sums the quad).
+    constexpr int E = 16 / KB;
+    const uint32_t* s_ = reinterpret_cast<const uint32_t*>(sm) + (threadIdx.x & 3) * (D / 8);
+    const uint32_t* m_ = s_ + D / 2;
+    float qm = 0.0f, off0 = 0.0f, off1 = 0.0f;
+#pragma unroll
+    for (int wb = 0; wb < D / 8 / E; ++wb) {
+        uint32_t sw[E], mw[E];
+#pragma unroll
+        for (int i = 0; i < E; i += 2) {
+            const uint2 x = reinterpret_cast<const uint2*>(s_ + wb * E)[i / 2];
+            const uint2 y = reinterpret_cast<const uint2*>(m_ + wb * E)[i / 2];
+            sw[i] = x.x, sw[i + 1] = x.y, mw[i] = y.x, mw[i + 1] = y.y;
+        }
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            const int hp = wb * E + j;
+            const float2 qf = *reinterpret_cast<const float2*>(qs + 2 * hp);
+            const float2 sf = __half22float2(__halves2half2(half_of(sw, j), half_of(sw, E + j)));
+            const float2 mf = __half22float2(__halves2half2(half_of(mw, j), half_of(mw, E + j)));
+            const __half2 b2 = __floats2half2_rn(qf.x * sf.x, qf.y * sf.y);
+            bk[hp % NK][hp / NK] = h2u(b2);
+            const float2 bf2 = __half22float2(b2);
+            off0 += bf2.x, off1 += bf2.y;
+            qm += (qf.x * mf.x + qf.y * mf.y) * (float)(1 << code_shift<KB>(j % (16 / KB)));
+        }
+    }
+    return qm - 1024.0f * (off0 + off1);
+}
+
 // NG groups of 16 quantized keys, as this lane loads them (a step ahead of their use).
 template <int D, int KB, int VB, bool PAT, int NG>
 struct QStep {
