@@ -11,8 +11,10 @@
 //  * a dot product x.c is one FMA chain over d = 0..D-1, as BLAS micro-kernels do; in the
 //    farthest-point init both sides are fp16 values and the dots are exact in any order.
 // Ties go to the lowest index everywhere, as numpy's argmin/argmax and stable argsort.
+// The points x (T) are fp16 or float32 (the same values: the cache hands over fp16 ones, half the
+// bytes, so that a prefill's sets stay in L2 across the m + 1 seed rounds and the Lloyd steps).
 #pragma once
-#include "common.cuh"
+#include "kivi.cuh"  // kivi::Rows, kivi::Slots: a flush's token rows and index storage
 
 namespace {
 
@@ -23,6 +25,10 @@ constexpr int TT = 16;     // tokens per block (minmax_assign)
 constexpr int NONE = 0x7fffffff;  // index of no candidate (after every real one)
 
 __device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }  // NVRTC: no INFINITY
+
+__device__ __forceinline__ double as_f64(double v) { return v; }
+__device__ __forceinline__ double as_f64(float v) { return v; }
+__device__ __forceinline__ double as_f64(__half v) { return __half2float(v); }
 
 // (a, ia) comes before (b, ib): the larger (MAX) or smaller value, ties to the lower index.
 template <bool MAX>
@@ -92,19 +98,19 @@ __device__ double np_tree(int s, int n, int* start, const double* part, int& k) 
 }  // namespace
 
 // x2 (N, P) float64 = numpy's pairwise |x_p|^2, 8 lanes per point; colsum (N, D) float64 (zeroed)
-// += the block's column sums. x (N, P, D) float32. Grid (ceil(P / 256), N), 256 threads.
-template <int D>
-__global__ void __launch_bounds__(256) km_prep(const float* __restrict__ x, int P, double* x2, double* colsum) {
+// += the block's column sums. x (N, P, D) fp16 or float32 (T). Grid (ceil(P / 256), N), 256 threads.
+template <int D, class T>
+__global__ void __launch_bounds__(256) km_prep(const T* __restrict__ x, int P, double* x2, double* colsum) {
     const int set = blockIdx.y, p0 = blockIdx.x * 256;
-    const float* xs = x + (size_t)set * P * D;
+    const T* xs = x + (size_t)set * P * D;
     for (int p = p0 + (threadIdx.x >> 3); p < p0 + 256; p += 32) {
-        const float* xp = xs + (size_t)min(p, P - 1) * D;
-        const double s = sq8<D>([&](int i) { return (double)xp[i]; });
+        const T* xp = xs + (size_t)min(p, P - 1) * D;
+        const double s = sq8<D>([&](int i) { return as_f64(xp[i]); });
         if (p < P && (threadIdx.x & 7) == 0) x2[(size_t)set * P + p] = s;
     }
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         double s = 0.0;
-        for (int p = p0; p < min(P, p0 + 256); ++p) s += xs[(size_t)p * D + d];
+        for (int p = p0; p < min(P, p0 + 256); ++p) s += as_f64(xs[(size_t)p * D + d]);
         atomicAdd(colsum + (size_t)set * D + d, s);
     }
 }
@@ -131,14 +137,14 @@ extern "C" __global__ void km_limit(const double* __restrict__ x2, int P, double
 // winner w, whose point is centre r - 1 of c (N, m, D) float64 (written by block 0). Round 0
 // offers -|x - mean|^2 (argmin as an argmax); round r >= 1 sets dmin (N, P) = min(dmin, d),
 // d = (x2 - 2 x.w) + |w|^2, and offers dmin. Each block offers its first (value, index).
-template <int D>
-__global__ void __launch_bounds__(256) km_seed(const float* __restrict__ x, int P, int m, int r, int TP,
+template <int D, class T>
+__global__ void __launch_bounds__(256) km_seed(const T* __restrict__ x, int P, int m, int r, int TP,
                                                const double* x2, const double* colsum, double* dmin,
                                                double* cand_v, int* cand_i, double* c) {
     __shared__ double ref[D], sv[32];  // ref: the mean (round 0) or centre r - 1
     __shared__ int si[32];
     const int set = blockIdx.y, B = gridDim.x, N = gridDim.y;
-    const float* xs = x + (size_t)set * P * D;
+    const T* xs = x + (size_t)set * P * D;
     if (r == 0)
         for (int d = threadIdx.x; d < D; d += blockDim.x) ref[d] = __ddiv_rn(colsum[(size_t)set * D + d], (double)P);
     else {
@@ -149,7 +155,7 @@ __global__ void __launch_bounds__(256) km_seed(const float* __restrict__ x, int 
             if (first<true>(cand_v[o + b], cand_i[o + b], v, w)) v = cand_v[o + b], w = cand_i[o + b];
         block_first<true>(v, w, sv, si);
         for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            ref[d] = xs[(size_t)w * D + d];
+            ref[d] = as_f64(xs[(size_t)w * D + d]);
             if (blockIdx.x == 0) c[((size_t)set * m + r - 1) * D + d] = ref[d];
         }
         if (r == m) return;
@@ -160,11 +166,11 @@ __global__ void __launch_bounds__(256) km_seed(const float* __restrict__ x, int 
     int bi = NONE;
     const int p0 = blockIdx.x * TP;
     for (int p = p0 + (threadIdx.x >> 3); p < p0 + TP; p += 32) {
-        const float* xp = xs + (size_t)min(p, P - 1) * D;
+        const T* xp = xs + (size_t)min(p, P - 1) * D;
         double s, dot = 0.0;
-        if (r == 0) s = -sq8<D>([&](int i) { return __dsub_rn(xp[i], ref[i]); });
+        if (r == 0) s = -sq8<D>([&](int i) { return __dsub_rn(as_f64(xp[i]), ref[i]); });
         else {
-            for (int i = threadIdx.x & 7; i < D; i += 8) dot = __fma_rn(xp[i], ref[i], dot);
+            for (int i = threadIdx.x & 7; i < D; i += 8) dot = __fma_rn(as_f64(xp[i]), ref[i], dot);
             dot = tree8(dot);
         }
         if (p >= P || (threadIdx.x & 7)) continue;  // lane 0 of the group goes on
@@ -180,18 +186,14 @@ __global__ void __launch_bounds__(256) km_seed(const float* __restrict__ x, int 
     if (threadIdx.x == 0) cand_v[o] = bv, cand_i[o] = bi;
 }
 
-// The nearest centre of this thread's point (thread per point, a 128-thread block's points
-// [blockIdx.x * 128, +128) of set blockIdx.y). Centres go through shared memory CH at a time as
-// float64, with numpy's pairwise |c|^2. KM (a KMeans step): cen (N, M, D) float64,
-// d = (x2 - 2 x.c) + |c|^2; !KM (nearest_l2): cen float32, d = |c|^2 - 2 x.c. Every thread of
-// the block must call it (it syncs); returns (distance, index) through best / bj.
-template <int D, bool KM>
-__device__ __forceinline__ void nearest(const float* __restrict__ x, int P, const void* cen, int M, const double* x2,
+// The nearest centre of this thread's point xp (ok: a real point; all threads of the block must
+// call it, it syncs). Centres cen (M, D) of the point's set go through shared memory CH at a time
+// as float64, with numpy's pairwise |c|^2. KM (a KMeans step): cen float64, d = (xx - 2 x.c) +
+// |c|^2, xx = |x|^2; !KM (nearest_l2): cen float32 or fp16, d = |c|^2 - 2 x.c. Returns (distance,
+// index) through best / bj.
+template <int D, bool KM, class T, class C>
+__device__ __forceinline__ void nearest(const T* __restrict__ xp, bool ok, const C* __restrict__ cen, int M, double xx,
                                         double (&cs)[CH][D], double* c2, double& best, int& bj) {
-    const int set = blockIdx.y, p = blockIdx.x * blockDim.x + threadIdx.x;
-    const bool ok = p < P;
-    const float* xp = x + ((size_t)set * P + (ok ? p : 0)) * D;
-    const double xx = KM && ok ? x2[(size_t)set * P + p] : 0.0;
     best = inf(), bj = 0;
     for (int j0 = 0; j0 < M; j0 += CH) {
         const int mc = min(CH, M - j0);
@@ -201,9 +203,7 @@ __device__ __forceinline__ void nearest(const float* __restrict__ x, int P, cons
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int e = e0 + u * blockDim.x;
-                const size_t src = ((size_t)set * M + j0) * D + e;
-                v[u] = e >= mc * D ? 0.0 : KM ? static_cast<const double*>(cen)[src]
-                                              : (double)static_cast<const float*>(cen)[src];
+                v[u] = e >= mc * D ? 0.0 : as_f64(cen[(size_t)j0 * D + e]);
             }
 #pragma unroll
             for (int u = 0; u < U; ++u)
@@ -218,8 +218,9 @@ __device__ __forceinline__ void nearest(const float* __restrict__ x, int P, cons
         double acc[CH] = {};
 #pragma unroll 1
         for (int d = 0; d < D; d += 4) {
-            const float4 xv = *reinterpret_cast<const float4*>(xp + d);
-            const double x0 = xv.x, x1 = xv.y, x2 = xv.z, x3 = xv.w;  // converted once, not per centre
+            float xv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (ok) minikv::quant::ld4(xp + d, xv);
+            const double x0 = xv[0], x1 = xv[1], x2 = xv[2], x3 = xv[3];  // converted once, not per centre
 #pragma unroll
             for (int j = 0; j < CH; ++j) {
                 if (j >= mc) continue;
@@ -237,18 +238,23 @@ __device__ __forceinline__ void nearest(const float* __restrict__ x, int P, cons
     }
 }
 
-// nearest_l2: the nearest of M float32 centres per point, a64 (N, P) int64. Grid
-// (ceil(P / 128), N), 128 threads.
-template <int D>
-__global__ void __launch_bounds__(128) km_assign(const float* __restrict__ x, int P, const float* cen, int M,
-                                                 long long* a64) {
+// nearest_l2 of a flush's tokens, written as pattern indices: token t < TS of set s (kivi::Rows
+// x, fp16 or float32) against the first m of the set's Mc centres cen[slots.base(s) * Mc * D]
+// (C: float32 or fp16), index to out[slots.at(s, t)] uint8 (m <= 256). Grid (ceil(TS / 128), S),
+// 128 threads.
+template <int D, class T, class C>
+__global__ void __launch_bounds__(128) km_assign(const T* __restrict__ x, long long xb, long long xh, long long xt,
+                                                 int H, const int* __restrict__ rows, const C* __restrict__ cen, int Mc,
+                                                 int m, unsigned char* __restrict__ out, int cap, int off, int TS) {
     __shared__ __align__(16) double cs[CH][D];
     __shared__ double c2[CH];
+    const int set = blockIdx.y, t = blockIdx.x * blockDim.x + threadIdx.x;
+    const kivi::Slots slots{rows, H, cap, off};
     double best;
     int bj;
-    nearest<D, false>(x, P, cen, M, nullptr, cs, c2, best, bj);
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p < P) a64[(size_t)blockIdx.y * P + p] = bj;
+    nearest<D, false>(kivi::Rows<T>{x, xb, xh, xt, H}.row(set, t < TS ? t : 0), t < TS, cen + slots.base(set) * Mc * D,
+                      m, 0.0, cs, c2, best, bj);
+    if (t < TS) out[slots.at(set, t)] = (unsigned char)bj;
 }
 
 // The Lloyd update of one set by one block (after every point's assignment, m <= 256): the
@@ -257,8 +263,8 @@ __global__ void __launch_bounds__(128) km_assign(const float* __restrict__ x, in
 // move = max_j |new_j - c_j|^2 (numpy pairwise); active = move > limit. c (N, m, D) float64 is
 // updated in place; sums and counts are zeroed for the next step. Other blocks wrote far, sums
 // and counts in this launch: they are read past L1 (__ldcg). diff: CH * D doubles of scratch.
-template <int D>
-__device__ void lloyd_update(const float* __restrict__ x, int P, int m, int set, const double* far,
+template <int D, class T>
+__device__ void lloyd_update(const T* __restrict__ x, int P, int m, int set, const double* far,
                              const double* limit, double* c, double* sums, int* counts, int* active, double* diff) {
     __shared__ int n_of[256], rank[256], pick[256], warp_empty[32], si[32];
     __shared__ double sv[32];
@@ -302,7 +308,7 @@ __device__ void lloyd_update(const float* __restrict__ x, int P, int m, int set,
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int e = min(e0 + u * (int)blockDim.x, mc * D - 1), j = j0 + e / D, n = n_of[j];
-                sum[u] = n ? __ldcg(ss + (size_t)j0 * D + e) : (double)x[((size_t)set * P + pick[rank[j]]) * D + e % D];
+                sum[u] = n ? __ldcg(ss + (size_t)j0 * D + e) : as_f64(x[((size_t)set * P + pick[rank[j]]) * D + e % D]);
                 old[u] = cs[(size_t)j0 * D + e];
             }
 #pragma unroll
@@ -333,8 +339,8 @@ __device__ void lloyd_update(const float* __restrict__ x, int P, int m, int set,
 // of fp16 values are exact in float64, so any order gives the same sums) added into
 // sums (N, m, D) / counts (N, m), both zero on entry. The set's last block to finish (done
 // (N,) counts them, reset after) applies the update.
-template <int D>
-__global__ void __launch_bounds__(128) km_step(const float* __restrict__ x, int P, int m, const double* x2,
+template <int D, class T>
+__global__ void __launch_bounds__(128) km_step(const T* __restrict__ x, int P, int m, const double* x2,
                                                const double* limit, double* c, int* a, double* far, double* sums,
                                                int* counts, int* done, int* active) {
     __shared__ __align__(16) double cs[CH][D];  // centres, then the block's cluster sums
@@ -345,7 +351,8 @@ __global__ void __launch_bounds__(128) km_step(const float* __restrict__ x, int 
     if (!active[set]) return;
     double best;
     int bj;
-    nearest<D, true>(x, P, c, m, x2, cs, c2, best, bj);
+    nearest<D, true>(x + ((size_t)set * P + (p < P ? p : 0)) * D, p < P, c + (size_t)set * m * D, m,
+                     p < P ? x2[(size_t)set * P + p] : 0.0, cs, c2, best, bj);
     if (p < P) a[(size_t)set * P + p] = bj, far[(size_t)set * P + p] = best;
     pa[threadIdx.x] = bj;
     for (int j = threadIdx.x; j < m; j += blockDim.x) cnt[j] = 0;
@@ -356,12 +363,12 @@ __global__ void __launch_bounds__(128) km_step(const float* __restrict__ x, int 
     if (threadIdx.x < np) atomicAdd(cnt + bj, 1);
     __syncthreads();
     double* gs = sums + (size_t)set * m * D;
-    const float* xb = x + ((size_t)set * P + p0) * D;
+    const T* xb = x + ((size_t)set * P + p0) * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x)  // thread d owns column d: no conflicts
         for (int i0 = 0; i0 < np; i0 += U) {
             double v[U];
 #pragma unroll
-            for (int u = 0; u < U; ++u) v[u] = i0 + u < np ? xb[(size_t)(i0 + u) * D + d] : 0.0;
+            for (int u = 0; u < U; ++u) v[u] = i0 + u < np ? as_f64(xb[(size_t)(i0 + u) * D + d]) : 0.0;
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (i0 + u >= np) break;

@@ -10,7 +10,7 @@
 
 namespace nqkv {
 
-using namespace minikv::quant;  // f16_round, load8, pack8, store8
+using namespace minikv::quant;  // f16_round, ld4, ld8, pack8, store8
 
 
 // packing.nf_codes + nf_dequant of one value against float32 absmax a (tables in shared memory).
@@ -56,7 +56,7 @@ __global__ void nqkv_token_blocks(const float* __restrict__ x, const float* __re
     const bool ok = row < (size_t)R;
     float v[8], hi = 0.0f;
     if (ok) {
-        nqkv::load8(x + row * D + 8 * o, v);
+        nqkv::ld8(x + row * D + 8 * o, v);
 #pragma unroll
         for (int k = 0; k < 8; ++k) hi = fmaxf(hi, fabsf(v[k]));
     }
@@ -118,7 +118,7 @@ __global__ void nqkv_channel_blocks(const float* __restrict__ x, const float* __
         const size_t row = blk * L + t;
         float v[8], xh[8];
         unsigned cd[8];
-        nqkv::load8(x + row * D + c0, v);
+        nqkv::ld8(x + row * D + c0, v);
 #pragma unroll
         for (int k = 0; k < 8; ++k) cd[k] = nqkv::nf_code<B>(v[k], pa[c0 + k], tab, tab + 16, xh[k]);
         nqkv::pack8<B>(cd, codes + row * (D * B / 8) + c0 / 8 * B);

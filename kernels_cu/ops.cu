@@ -78,3 +78,14 @@ extern "C" __global__ void embed(const __half* __restrict__ table, const long lo
     float* dst = x + (size_t)blockIdx.x * C;
     for (int i = threadIdx.x; i < C; i += blockDim.x) dst[i] = __half2float(src[i]);
 }
+
+// out (nb, H, T, D) fp16 contiguous = the rows of a 4-D view x at b*xb + h*xh + t*xt (elements:
+// rows contiguous and 16-byte aligned, e.g. k or v heads of the qkv projection). One thread per
+// 8 values (16 bytes); n = nb * H * T * D / 8.
+extern "C" __global__ void gather_rows(const __half* __restrict__ x, long long xb, long long xh, long long xt, int H,
+                                       int T, int D8, uint4* __restrict__ out, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const long long r = i / D8, s = r / T;
+    out[i] = *reinterpret_cast<const uint4*>(x + (s / H) * xb + (s % H) * xh + (r % T) * xt + (i % D8) * 8);
+}

@@ -16,52 +16,28 @@ __device__ __forceinline__ bool use_residual(float vh, float vl, float rh, float
     return rv > 0.0f && __fsub_rn(1.0f, rho2) >= __fmul_rn(k, __fsqrt_rn(__fadd_rn(1.0f, __fmul_rn(rho2, rho2))));
 }
 
-// 4 or 8 values of a row as float32: T is __half (fp16 compute) or float (float32 compute);
-// p is 8-byte (4) or 16-byte (8) aligned.
-__device__ __forceinline__ void ld4(const float* p, float (&v)[4]) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-}
-__device__ __forceinline__ void ld4(const __half* p, float (&v)[4]) {
-    const uint2 a = *reinterpret_cast<const uint2*>(p);
-    const float2 l = __half22float2(*reinterpret_cast<const __half2*>(&a.x));
-    const float2 h = __half22float2(*reinterpret_cast<const __half2*>(&a.y));
-    v[0] = l.x; v[1] = l.y; v[2] = h.x; v[3] = h.y;
-}
-template <class T>
-__device__ __forceinline__ void ld8(const T* p, float (&v)[8]) {
-    float a[4], b[4];
-    ld4(p, a), ld4(p + 4, b);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = a[k], v[4 + k] = b[k];
-}
-
-// Token rows r = set * TS + t of S sets (one sequence's kv head each): the set's first TS of w
-// tokens in x (S, w, D), its patterns pat (S, M, D) fp16, each token's pattern idx (S, TS) uint8.
-// As a kivi source: the residuals x - pat[idx], rebuilt as pat[idx] + decoded residual.
+// The residuals x - pat[idx] of token rows (kivi::Rows) as a kivi source, rebuilt as pattern +
+// decoded residual. Token t of set s has its pattern index at idx[tok.at(s, t)] (the method's
+// (B, H, cap) index storage) and the pattern at pat[(tok.base(s) * M + idx) * D] ((B, H, M, D)).
 template <class T>
 struct Residual {
-    const T* x;
+    kivi::Rows<T> x;
     const __half* pat;
     const unsigned char* idx;
-    int w, M, TS, D;
-    __device__ __forceinline__ const T* xrow(size_t r) const { return x + ((r / TS) * w + r % TS) * D; }
-    __device__ __forceinline__ const __half* prow(size_t r) const { return pat + ((r / TS) * M + idx[r]) * D; }
-    __device__ __forceinline__ void load4(size_t r, int c, float (&v)[4]) const {
-        float p[4];
-        ld4(xrow(r) + c, v), ld4(prow(r) + c, p);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) v[k] = __fsub_rn(v[k], p[k]);
+    kivi::Slots tok;
+    int M, D;
+    __device__ __forceinline__ const __half* prow(int s, int t) const {
+        return pat + (tok.base(s) * M + idx[tok.at(s, t)]) * D;
     }
-    __device__ __forceinline__ void load8(size_t r, int c, float (&v)[8]) const {
+    __device__ __forceinline__ void load8(int s, int t, int c, float (&v)[8]) const {
         float p[8];
-        ld8(xrow(r) + c, v), ld8(prow(r) + c, p);
+        minikv::quant::ld8(x.row(s, t) + c, v), minikv::quant::ld8(prow(s, t) + c, p);
 #pragma unroll
         for (int k = 0; k < 8; ++k) v[k] = __fsub_rn(v[k], p[k]);
     }
-    __device__ __forceinline__ void rebuild8(size_t r, int c, float (&xh)[8]) const {
+    __device__ __forceinline__ void rebuild8(int s, int t, int c, float (&xh)[8]) const {
         float p[8];
-        ld8(prow(r) + c, p);
+        minikv::quant::ld8(prow(s, t) + c, p);
 #pragma unroll
         for (int k = 0; k < 8; ++k) xh[k] = __fadd_rn(p[k], xh[k]);
     }
@@ -70,7 +46,7 @@ struct Residual {
 // A V token's 8 chosen pattern values (0 where it is stored raw), added back to rebuild it.
 struct Chosen {
     const float (&c)[8];
-    __device__ __forceinline__ void rebuild8(size_t, int, float (&xh)[8]) const {
+    __device__ __forceinline__ void rebuild8(int, int, int, float (&xh)[8]) const {
 #pragma unroll
         for (int k = 0; k < 8; ++k) xh[k] = __fadd_rn(c[k], xh[k]);
     }
@@ -78,47 +54,55 @@ struct Chosen {
 
 }  // namespace pkv
 
-// PatternKV's K residuals as kivi K (minikv.kv.patterns.pack_k_residuals): one block per chunk
-// of L tokens of S * TS / L; x, pat, idx as pkv::Residual. Out: codes (S*TS, D*B/8) uint8, scale,
-// mn (S*TS/L, D) fp16, x_hat (S*TS, D) float32 (pattern + decoded residual) or null. Launch and
-// shared memory as kivi_k_chunks.
+// The source and index arguments of the pkv kernels: token rows x (kivi::Rows), the pattern
+// tables pat (B, H, M, D) fp16 and pattern indices idx (B, H, tcap) uint8 of the flush's rows,
+// its first token at toff.
+#define PKV_SRC_ARGS                                                                                             \
+    const T *__restrict__ x, long long xb, long long xh, long long xt, int H, const int *__restrict__ rows,        \
+        const __half *__restrict__ pat, int M, const unsigned char *__restrict__ idx, int tcap, int toff
+#define PKV_SRC pkv::Residual<T>{kivi::Rows<T>{x, xb, xh, xt, H}, pat, idx, kivi::Slots{rows, H, tcap, toff}, M, D}
+
+// PatternKV's K residuals as kivi K (minikv.kv.patterns.pack_k_residuals): n chunks of L tokens
+// per set, one block per chunk. Out at chunk slots (cap, off): codes, scale, mn as kivi_k_chunks;
+// x_hat (S * n * L, D) float32 (pattern + decoded residual) or null. Launch and shared memory as
+// kivi_k_chunks.
 template <int B, class T>
-__global__ void pkv_k_chunks(const T* __restrict__ x, const __half* __restrict__ pat, const unsigned char* __restrict__ idx,
-                             unsigned char* __restrict__ codes, __half* __restrict__ scale, __half* __restrict__ mn,
-                             float* __restrict__ x_hat, int w, int M, int TS, int L, int D) {
-    kivi::k_chunks<B>(pkv::Residual<T>{x, pat, idx, w, M, TS, D}, codes, scale, mn, x_hat, L, D);
+__global__ void pkv_k_chunks(PKV_SRC_ARGS, int cap, int off, int n, unsigned char* __restrict__ codes,
+                             __half* __restrict__ scale, __half* __restrict__ mn, float* __restrict__ x_hat, int L, int D) {
+    kivi::k_chunks<B>(PKV_SRC, kivi::Slots{rows, H, cap, off}, n, codes, scale, mn, x_hat, L, D);
 }
 
 // PatternKV's V tokens (minikv.kv.patterns.pack_v_residuals): per token the V test on v and
-// v - C[idx], then kivi V of the residual where it passes, of v itself where not. Rows r < R =
-// S * TS, one thread per (row, octet) as kivi_v_tokens. Out: codes (R, D*B/8) uint8, scale, mn
-// (R, D/GS) fp16, use (R,) bool, x_hat (R, D) float32 (chosen pattern + decoded) or null.
+// v - C[idx], then kivi V of the residual where it passes, of v itself where not. R = S * TS
+// token rows, stored at the token slots (tcap, toff) like the indices; one thread per (row,
+// octet) as kivi_v_tokens. Out: codes, scale, mn as kivi_v_tokens; use (R,) bool or null; mask
+// (slots / 8) uint8 (bit slot % 8 of byte slot / 8; needs TS, tcap, toff and the block's rows
+// multiples of 8) or null; x_hat (R, D) float32 (chosen pattern + decoded) or null.
 // kt = float32(2 z / sqrt(5 D)). Dynamic shared memory: 4 * blockDim floats.
 template <int B, class T>
-__global__ void pkv_v_tokens(const T* __restrict__ x, const __half* __restrict__ pat, const unsigned char* __restrict__ idx,
-                             unsigned char* __restrict__ codes, __half* __restrict__ scale, __half* __restrict__ mn,
-                             bool* __restrict__ use, float* __restrict__ x_hat, int R, int w, int M, int TS, int D,
-                             int GS, float kt) {
+__global__ void pkv_v_tokens(PKV_SRC_ARGS, int TS, unsigned char* __restrict__ codes, __half* __restrict__ scale,
+                             __half* __restrict__ mn, bool* __restrict__ use, unsigned char* __restrict__ mask,
+                             float* __restrict__ x_hat, int R, int D, int GS, float kt) {
     extern __shared__ float sh[];
-    const int O = D >> 3, o = threadIdx.x % O, n = blockDim.x, t = threadIdx.x;
-    const size_t row = (size_t)blockIdx.x * (n / O) + t / O;
-    const bool ok = row < (size_t)R;
-    const pkv::Residual<T> src{x, pat, idx, w, M, TS, D};
+    const int O = D >> 3, o = threadIdx.x % O, n = blockDim.x, th = threadIdx.x;
+    const int row = blockIdx.x * (n / O) + th / O, set = row / TS, t = row % TS;
+    const bool ok = row < R;
+    const pkv::Residual<T> src = PKV_SRC;
     float a[8], c[8], vh = -inf(), vl = inf(), rh = -inf(), rl = inf();
     if (ok) {
-        pkv::ld8(src.xrow(row) + 8 * o, a), pkv::ld8(src.prow(row) + 8 * o, c);
+        minikv::quant::ld8(src.x.row(set, t) + 8 * o, a), minikv::quant::ld8(src.prow(set, t) + 8 * o, c);
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const float r = __fsub_rn(a[k], c[k]);
             vh = fmaxf(vh, a[k]), vl = fminf(vl, a[k]), rh = fmaxf(rh, r), rl = fminf(rl, r);
         }
     }
-    sh[t] = vh, sh[n + t] = vl, sh[2 * n + t] = rh, sh[3 * n + t] = rl;
+    sh[th] = vh, sh[n + th] = vl, sh[2 * n + th] = rh, sh[3 * n + th] = rl;
     __syncthreads();
     bool u = false;
     float v[8], lo = inf(), hi = -inf();
     if (ok) {
-        for (int k = t - o; k < t - o + O; ++k)
+        for (int k = th - o; k < th - o + O; ++k)
             vh = fmaxf(vh, sh[k]), vl = fminf(vl, sh[n + k]), rh = fmaxf(rh, sh[2 * n + k]), rl = fminf(rl, sh[3 * n + k]);
         u = pkv::use_residual(vh, vl, rh, rl, kt);
 #pragma unroll
@@ -129,11 +113,21 @@ __global__ void pkv_v_tokens(const T* __restrict__ x, const __half* __restrict__
         }
     }
     __syncthreads();  // every row has read the test's partials
-    sh[t] = lo, sh[n + t] = hi;
+    sh[th] = lo, sh[n + th] = hi;
+    bool* flag = reinterpret_cast<bool*>(sh + 2 * n);  // the block's rows' verdicts
+    if (o == 0) flag[th / O] = u;
     __syncthreads();
+    const size_t q = src.tok.at(set, t);
+    if (mask && th < n / O / 8 && blockIdx.x * (n / O) + 8 * th < R) {  // a byte per 8 rows
+        unsigned byte = 0;
+        for (int k = 0; k < 8; ++k) byte |= (unsigned)flag[8 * th + k] << k;
+        const int r8 = blockIdx.x * (n / O) + 8 * th;
+        mask[src.tok.at(r8 / TS, r8 % TS) / 8] = (unsigned char)byte;
+    }
     if (!ok) return;
-    if (o == 0) use[row] = u;
-    kivi::v_group_code<B>(pkv::Chosen{c}, row, o, v, sh, sh + n, D, GS, codes, scale, mn, x_hat);
+    if (use && o == 0) use[row] = u;
+    kivi::v_group_code<B>(pkv::Chosen{c}, set, t, q, o, v, sh, sh + n, D, GS, codes, scale, mn,
+                          x_hat ? x_hat + (size_t)row * D : nullptr);
 }
 
 // The pattern of least residual range max_d(x - c) - min_d(x - c) per token. Grid
@@ -212,8 +206,11 @@ extern "C" __global__ void v_use_residual(const float* __restrict__ v, const flo
 
 #ifdef MINIKV_INSTANTIATE_ALL  // the CI compile check builds every variant the wrappers can ask for
 #define INST(D)                                                                                                 \
-    void *inst_prep_##D = (void*)&km_prep<D>, *inst_seed_##D = (void*)&km_seed<D>;                              \
-    void *inst_step_##D = (void*)&km_step<D>, *inst_l2_##D = (void*)&km_assign<D>;
+    void *inst_prep_##D = (void*)&km_prep<D, float>, *inst_seed_##D = (void*)&km_seed<D, float>;                \
+    void *inst_step_##D = (void*)&km_step<D, float>, *inst_l2_##D = (void*)&km_assign<D, float, float>;        \
+    void *inst_preph_##D = (void*)&km_prep<D, __half>, *inst_seedh_##D = (void*)&km_seed<D, __half>;            \
+    void *inst_steph_##D = (void*)&km_step<D, __half>;                                                         \
+    void *inst_l2h_##D = (void*)&km_assign<D, __half, __half>, *inst_l2fh_##D = (void*)&km_assign<D, float, __half>;
 INST(64)
 INST(128)
 #undef INST

@@ -1,5 +1,6 @@
 // Helpers shared by the quantizer kernels (kivi.cu, nqkv.cu): the packing.py steps they all
-// reproduce bit for bit, and 8-wide float4 loads/stores (16-byte aligned rows, D % 8 == 0).
+// reproduce bit for bit, and 4- and 8-wide loads (fp16 or float32 rows as float32) and stores
+// (16-byte aligned rows, D % 8 == 0).
 #pragma once
 #include "common.cuh"
 
@@ -18,9 +19,31 @@ __device__ __forceinline__ __half f16_round(float x, int dir) {
     return __ushort_as_half((unsigned short)(wrong ? stepped : bits));
 }
 
-__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+__device__ __forceinline__ void ld8(const float* p, float (&v)[8]) {
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+// 4 or 8 values of a row as float32, from fp16 (fp16 compute) or float32 rows; p is 8-byte (4)
+// or 16-byte (8) aligned.
+__device__ __forceinline__ void ld4(const float* p, float (&v)[4]) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+}
+__device__ __forceinline__ void ld4(const __half* p, float (&v)[4]) {
+    const uint2 a = *reinterpret_cast<const uint2*>(p);
+    const float2 l = __half22float2(*reinterpret_cast<const __half2*>(&a.x));
+    const float2 h = __half22float2(*reinterpret_cast<const __half2*>(&a.y));
+    v[0] = l.x; v[1] = l.y; v[2] = h.x; v[3] = h.y;
+}
+__device__ __forceinline__ void ld8(const __half* p, float (&v)[8]) {
+    const uint4 a = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+        v[2 * k] = f.x, v[2 * k + 1] = f.y;
+    }
 }
 
 __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {

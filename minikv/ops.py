@@ -59,6 +59,10 @@ class ArrayOps:
         u = gate_up[..., n:].astype(np.float32)
         return (g / (1.0 + self.xp.exp(-g)) * u).astype(gate_up.dtype)
 
+    def contiguous(self, x):
+        """A C-contiguous copy of x (or x itself if it already is one)."""
+        return self.xp.ascontiguousarray(x)
+
     def add_(self, residual, y):
         """residual += y, the float32 residual stream absorbing a branch output."""
         residual += y

@@ -64,6 +64,19 @@ def test_rope_in_place_on_qkv(ops, H, Hkv, D, T):
         ulp_close(g, w, ulps=4)  # sincosf vs cupy's cos/sin tables, then one fp16 rounding
 
 
+def test_contiguous_copies_projection_views(ops):
+    """The k/v heads of a projection (strided fp16 views) come out as exact contiguous copies;
+    other layouts take CuPy's copy."""
+    cp, cu, _ = ops
+    qkv = cp.asarray(np.random.default_rng(0).standard_normal((2, 37, 6 * 128)).astype(np.float16))
+    k = qkv[..., 4 * 128:5 * 128].reshape(2, 37, 1, 128).transpose(0, 2, 1, 3)[:, :, 3:]
+    v = qkv[..., 4 * 128:].reshape(2, 37, 2, 128).transpose(0, 2, 1, 3)
+    for x in (k, v, v[:, :, :, :64], v.astype(np.float32)):
+        got = cu.contiguous(x)
+        assert got.flags.c_contiguous and got.dtype == x.dtype
+        np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(x))
+
+
 def test_wrappers_check_their_arguments(ops):
     cp, cu, _ = ops
     x = cp.ones((2, 64), np.float32)

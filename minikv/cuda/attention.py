@@ -126,6 +126,8 @@ class FusedAttention:
             if a.dtype != np.float16 or a.strides[-1] != 2:
                 raise ValueError(f"fused attention: {name} must be fp16 with a contiguous last dim")
         g = H // Hkv
+        if s.method != "fp16" and not np.any(rowinfo[:, 1]):
+            s = Storage("fp16")  # no chunks (a prefill): every segment read is fp16, in the lean kernel
         # patternkv's per-block tables hold as many patterns as the fullest sequence has
         mp = -(-int(np.max(rowinfo[:, 5])) // 64) * 64 if s.method == "patternkv" else 0
         ok_bits = DECODE_BITS.get(s.method, ())

@@ -45,6 +45,119 @@ def check_bits(what: str, bits: int, allowed) -> int:
     return int(bits)
 
 
+CTYPE = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float"}
+
+
+def token_rows(what: str, x, tokens: int):
+    """A flush's token rows as kivi::Rows reads them in place: x (nb, H, w >= tokens, D) fp16 or
+    float32, any strides with contiguous, 16-byte aligned rows (else a contiguous copy) ->
+    (x, (xb, xh, xt) element strides, C type)."""
+    import cupy as cp
+
+    if not isinstance(x, cp.ndarray) or x.ndim != 4 or np.dtype(x.dtype) not in CTYPE:
+        raise TypeError(f"{what}: expected a (nb, H, w, D) float16/float32 cupy array, got "
+                        f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}")
+    nb, H, w, D = x.shape
+    if D % 8 or not 0 < D <= 2048 or not 0 < tokens <= w:
+        raise ValueError(f"{what}: D ({D}) must be a multiple of 8 up to 2048 and 0 < tokens ({tokens}) <= w ({w})")
+    e = x.itemsize
+    if x.strides[3] != e or x.data.ptr % 16 or any(st % 16 for st in x.strides[:3]):
+        x = cp.ascontiguousarray(x)
+    return x, tuple(np.int64(st // e) for st in x.strides[:3]), CTYPE[np.dtype(x.dtype)]
+
+
+_ROWS: dict = {}
+
+
+def device_rows(rows, B: int):
+    """The flush's batch rows (host ints, each < B) as a device int32 array (kivi::Slots)."""
+    import cupy as cp
+
+    rows = np.asarray(rows, dtype=np.int32)
+    if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= B:
+        raise ValueError(f"rows {rows.tolist()} must be batch rows in [0, {B})")
+    key = (rows.tobytes(), cp.cuda.Device().id)
+    if key not in _ROWS:  # a handful of distinct row sets per run
+        if len(_ROWS) > 64:
+            _ROWS.clear()
+        _ROWS[key] = cp.asarray(rows)
+    return _ROWS[key]
+
+
+def k_launch(sets: int, D: int):
+    """(grid, block, shared bytes) of kivi::k_chunks: a block per chunk, NS slices of D/8 threads."""
+    O = D // 8
+    ns = max(1, THREADS // O)
+    return (sets,), (ns * O,), (2 * ns + 3) * D * 4
+
+
+def check_storage(what: str, arrays, B: int, H: int, cap: int, tails):
+    """Check a method's storage arrays: C-contiguous (B, H, cap, *tail) of the given dtypes."""
+    for name, a, (dtype, tail) in zip(what.split(), arrays, tails):
+        check(f"storage {name}", a, dtype, (B, H, cap, *tail))
+
+
+def launch_k_chunks(what: str, kern, src: tuple, shape, n: int, G: int, bits: int, out, c0: int, hat: bool):
+    """Check the K storage out = (codes, scale, min) and run a kivi::k_chunks kernel over n chunks of
+    the (nb, H, D) sets of `shape` from the source arguments src; -> x_hat or None."""
+    import cupy as cp
+
+    nb, H, D, B = shape
+    codes, scale, mn = out
+    NC = codes.shape[2]
+    check_storage("codes scale min", out, B, H, NC, ((np.uint8, (G, D * bits // 8)), (np.float16, (D,)), (np.float16, (D,))))
+    if not 0 <= c0 <= NC - n:
+        raise ValueError(f"{what}: chunks {c0}..{c0 + n} past the storage's {NC}")
+    x_hat = cp.empty((nb, H, n * G, D), np.float32) if hat else None
+    if n:
+        grid, block, smem = k_launch(nb * H * n, D)
+        kern(grid, block, (*src, i32(NC), i32(c0), i32(n), codes, scale, mn, x_hat if hat else np.uint64(0), i32(G),
+                           i32(D)), shared_mem=smem)
+    return x_hat
+
+
+def store_k_chunks(xp, x, n: int, G: int, bits: int, out, rows, c0: int, hat: bool = True):
+    """Quantize chunks 0..n-1 (G tokens each) of x (nb, H, w >= n*G, D) fp16/float32 (read in place)
+    and store them as chunks c0.. of batch rows `rows` in out = (codes (B, H, NC, G, D*b/8) uint8,
+    scale, min (B, H, NC, D) fp16). Returns x_hat (nb, H, n*G, D) float32 if hat, else None."""
+    bits = check_bits("store_k_chunks", bits, BITS)
+    x, (xb, xh, xt), ct = token_rows("store_k_chunks x", x, n * G)
+    nb, H, _, D = x.shape
+    B = out[0].shape[0]
+    return launch_k_chunks("store_k_chunks", kernel("kivi", f"kivi_k_chunks<{bits}, {ct}>", EXACT),
+                           (x, xb, xh, xt, i32(H), device_rows(rows, B)), (nb, H, D, B), n, G, bits, out, c0, hat)
+
+
+def store_v_tokens(xp, x, T: int, bits: int, group: int, out, rows, t0: int, hat: bool = True):
+    """Quantize tokens 0..T-1 of x (nb, H, w >= T, D) fp16/float32 (read in place) per token in
+    groups of `group` channels and store them as tokens t0.. of batch rows `rows` in out = (codes
+    (B, H, cap, D*b/8) uint8, scale, min (B, H, cap, D/group) fp16). Returns x_hat (nb, H, T, D)
+    float32 if hat, else None."""
+    import cupy as cp
+
+    bits = check_bits("store_v_tokens", bits, BITS)
+    x, (xb, xh, xt), ct = token_rows("store_v_tokens x", x, T)
+    nb, H, _, D = x.shape
+    if group <= 0 or group % 8 or D % group:
+        raise ValueError(f"store_v_tokens: group={group} must be a multiple of 8 dividing D={D}")
+    codes, scale, mn = out
+    B, cap = codes.shape[0], codes.shape[2]
+    tail = (D // group,)
+    check_storage("codes scale min", out, B, H, cap, ((np.uint8, (D * bits // 8,)), (np.float16, tail), (np.float16, tail)))
+    if not 0 <= t0 <= cap - T:
+        raise ValueError(f"store_v_tokens: tokens {t0}..{t0 + T} past the storage's {cap}")
+    R = nb * H * T
+    if R >= 2**31:
+        raise ValueError(f"store_v_tokens: {R} rows, more than int32 indexes")
+    x_hat = cp.empty((nb, H, T, D), np.float32) if hat else None
+    if R:
+        grid, block, smem = row_launch(R, D)
+        kernel("kivi", f"kivi_v_tokens<{bits}, {ct}>", EXACT)(
+            grid, block, (x, xb, xh, xt, i32(H), device_rows(rows, B), i32(cap), i32(t0), i32(T), codes, scale, mn,
+                          x_hat if hat else np.uint64(0), i32(R), i32(D), i32(group)), shared_mem=smem * 2)
+    return x_hat
+
+
 def quantize_k_chunks(xp, x, bits: int):
     """x (..., n, G, D) float32 -> packed codes (..., n, G, D*b/8) uint8, scale, min (..., n, D)
     fp16, and the dequantized values (..., n, G, D) float32."""
@@ -53,15 +166,14 @@ def quantize_k_chunks(xp, x, bits: int):
     bits = check_bits("quantize_k_chunks", bits, BITS)
     x = prepare("quantize_k_chunks x", x, 3)
     *lead, n, G, D = x.shape
-    codes = cp.empty((*lead, n, G, D * bits // 8), np.uint8)
-    scale = cp.empty((*lead, n, D), np.float16)
-    mn = cp.empty((*lead, n, D), np.float16)
+    S = int(np.prod(lead, dtype=np.int64))
+    codes = cp.empty((S, 1, n, G, D * bits // 8), np.uint8)
+    scale, mn = cp.empty((S, 1, n, D), np.float16), cp.empty((S, 1, n, D), np.float16)
     x_hat = cp.empty(x.shape, np.float32)
     if x.size:
-        grid, block, smem = column_launch(x.size // (G * D), D)
-        kernel("kivi", f"kivi_k_chunks<{bits}>", EXACT)(
-            grid, block, (x, codes, scale, mn, x_hat, i32(G), i32(D)), shared_mem=smem * 2 + 3 * D * 4)
-    return codes, scale, mn, x_hat
+        x_hat = store_k_chunks(xp, x.reshape(S, 1, n * G, D), n, G, bits, (codes, scale, mn), np.arange(S), 0)
+    return (codes.reshape(*lead, n, G, D * bits // 8), scale.reshape(*lead, n, D), mn.reshape(*lead, n, D),
+            x_hat.reshape(x.shape))
 
 
 def quantize_v_tokens(xp, x, bits: int, group: int):
@@ -74,12 +186,11 @@ def quantize_v_tokens(xp, x, bits: int, group: int):
     *lead, T, D = x.shape
     if group <= 0 or group % 8 or D % group:
         raise ValueError(f"quantize_v_tokens: group={group} must be a multiple of 8 dividing D={D}")
-    codes = cp.empty((*lead, T, D * bits // 8), np.uint8)
-    scale = cp.empty((*lead, T, D // group), np.float16)
-    mn = cp.empty((*lead, T, D // group), np.float16)
+    S = int(np.prod(lead, dtype=np.int64))
+    codes = cp.empty((S, 1, T, D * bits // 8), np.uint8)
+    scale, mn = cp.empty((S, 1, T, D // group), np.float16), cp.empty((S, 1, T, D // group), np.float16)
     x_hat = cp.empty(x.shape, np.float32)
     if x.size:
-        grid, block, smem = row_launch(x.size // D, D)
-        kernel("kivi", f"kivi_v_tokens<{bits}>", EXACT)(
-            grid, block, (x, codes, scale, mn, x_hat, i32(x.size // D), i32(D), i32(group)), shared_mem=smem * 2)
-    return codes, scale, mn, x_hat
+        x_hat = store_v_tokens(xp, x.reshape(S, 1, T, D), T, bits, group, (codes, scale, mn), np.arange(S), 0)
+    g = D // group
+    return codes.reshape(*lead, T, D * bits // 8), scale.reshape(*lead, T, g), mn.reshape(*lead, T, g), x_hat.reshape(x.shape)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..kv.patterns import Z95
 from ..kv import patterns
-from .kivi import check_bits, column_launch, row_launch
+from .kivi import CTYPE, check_bits, check_storage, device_rows, launch_k_chunks, row_launch, token_rows
 from .module import EXACT, check, f32, i32, kernel
 
 _MOD = "patternkv"
@@ -48,9 +48,9 @@ def _tile(N: int, P: int, unit: int) -> int:
     return min(_cdiv(P, unit) * unit, max(unit, _cdiv(want, unit) * unit))
 
 
-def _sets(what: str, a, D=None, rows16=False):
-    """(N, rows, D) of a float32 array; rows16: the kernel reads its rows as float4."""
-    check(what, a, np.float32)
+def _sets(what: str, a, D=None, rows16=False, dtypes=(np.float32,)):
+    """(N, rows, D) of a float32 (or one of dtypes) array; rows16: the kernel reads 16-byte rows."""
+    check(what, a, a.dtype if np.dtype(a.dtype) in tuple(map(np.dtype, dtypes)) else dtypes[0])
     if a.ndim != 3:
         raise ValueError(f"{what}: expected (sets, rows, D), got shape {a.shape}")
     if D is not None and a.shape[2] != D:
@@ -66,13 +66,14 @@ def _km_dim(what: str, D: int) -> None:
 
 
 def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
-    """Batched Lloyd KMeans (see minikv.kv.patterns.kmeans): x (N, P, D) float32 holding fp16
-    values -> centres (N, m, D) float32, m <= P. Shapes the kernels are not built for take the
-    array-op oracle (same results)."""
+    """Batched Lloyd KMeans (see minikv.kv.patterns.kmeans): x (N, P, D) fp16, or float32 holding
+    fp16 values -> centres (N, m, D) float32, m <= P. Shapes the kernels are not built for take
+    the array-op oracle (same results)."""
     x = xp.ascontiguousarray(x)
     if x.ndim != 3 or x.shape[2] not in _KM_DIMS or x.shape[1] > _MAX_P or m > _MAX_M:
         return patterns.kmeans(xp, x, m, iters, tol)
-    N, P, D = _sets("kmeans x", x, rows16=True)
+    N, P, D = _sets("kmeans x", x, rows16=True, dtypes=(np.float32, np.float16))
+    ct = CTYPE[np.dtype(x.dtype)]
     _km_dim("kmeans", D)
     m = int(m)
     if not 1 <= m <= min(P, _MAX_M):
@@ -84,7 +85,7 @@ def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
         return c.astype(np.float32)
     x2 = xp.empty((N, P), np.float64)
     colsum = xp.zeros((N, D), np.float64)
-    _k(f"km_prep<{D}>")((_cdiv(P, 256), N), (256,), (x, i32(P), x2, colsum))
+    _k(f"km_prep<{D}, {ct}>")((_cdiv(P, 256), N), (256,), (x, i32(P), x2, colsum))
     limit = xp.empty(N, np.float64)
     _k("km_limit")((N,), (256,), (x2, i32(P), np.float64(tol * tol), limit))
 
@@ -92,7 +93,7 @@ def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
     B = _cdiv(P, tp)
     cand_v, cand_i = xp.empty((2, N, B), np.float64), xp.empty((2, N, B), np.int32)
     dmin = xp.empty((N, P), np.float64)
-    seed = _k(f"km_seed<{D}>")
+    seed = _k(f"km_seed<{D}, {ct}>")
     for r in range(m + 1):
         seed((B, N), (256,), (x, i32(P), i32(m), i32(r), i32(tp), x2, colsum, dmin, cand_v, cand_i, c))
 
@@ -100,7 +101,7 @@ def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
     far = xp.empty((N, P), np.float64)
     sums, counts = xp.zeros((N, m, D), np.float64), xp.zeros((N, m), np.int32)
     active, done = xp.ones(N, np.int32), xp.zeros(N, np.int32)
-    step = _k(f"km_step<{D}>")
+    step = _k(f"km_step<{D}, {ct}>")
     # Every step is launched: a frozen set's blocks return at once, so steps past the last freeze
     # cost a few microseconds each, less than reading the flags back (a sync that stalls the host).
     for _ in range(iters):
@@ -111,17 +112,45 @@ def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
 def nearest_l2(xp, x, c):
     """Index of the L2-nearest centre: x (N, T, D), c (N, M, D) float32 -> (N, T) int64."""
     x, c = xp.ascontiguousarray(x), xp.ascontiguousarray(c)
-    if x.ndim != 3 or x.shape[2] not in _KM_DIMS:
+    if x.ndim != 3 or x.shape[2] not in _KM_DIMS or c.ndim != 3 or not 1 <= c.shape[1] <= _MAX_M:
         return patterns.nearest_l2(xp, x, c)
     N, T, D = _sets("nearest_l2 x", x, rows16=True)
-    _km_dim("nearest_l2", D)
     _, M, _ = _sets("nearest_l2 c", c, D)
-    if c.shape[0] != N or M < 1:
+    if c.shape[0] != N:
         raise ValueError(f"nearest_l2: centres {c.shape} do not fit points {x.shape}")
-    out = xp.empty((N, T), np.int64)
+    out = xp.empty((N, 1, T), np.uint8)
     if N and T:
-        _k(f"km_assign<{D}>")((_cdiv(T, 128), N), (128,), (x, i32(T), c, i32(M), out))
-    return out
+        _assign(x.reshape(N, 1, T, D), T, c.reshape(N, 1, M, D), M, out, np.arange(N), 0)
+    return out.reshape(N, T).astype(np.int64)
+
+
+def _assign(x, T: int, cen, m: int, out, rows, t0: int):
+    """km_assign: tokens 0..T-1 of x (nb, H, w, D) against the first m of cen (B, H, Mc, D) float32
+    or fp16 -> out (B, H, cap) uint8 at tokens t0.. of batch rows `rows`."""
+    x, (xb, xh, xt), ct = token_rows("nearest x", x, T)
+    nb, H, _, D = x.shape
+    _km_dim("nearest", D)
+    B, Mc = cen.shape[0], cen.shape[2]
+    check("nearest centres", cen, cen.dtype, (B, H, Mc, D))
+    cc = CTYPE.get(np.dtype(cen.dtype))
+    if cc is None or not 1 <= m <= min(Mc, _MAX_M):
+        raise ValueError(f"nearest: centres must be float32/fp16 with 1 <= m <= {_MAX_M} (got {cen.dtype}, m={m})")
+    cap = check("nearest out", out, np.uint8, (B, H, None)).shape[2]
+    if not 0 <= t0 <= cap - T:
+        raise ValueError(f"nearest: tokens {t0}..{t0 + T} past the storage's {cap}")
+    _k(f"km_assign<{D}, {ct}, {cc}>")((_cdiv(T, 128), nb * H), (128,),
+                                      (x, xb, xh, xt, i32(H), device_rows(rows, B), cen, i32(Mc), i32(m), out, i32(cap),
+                                       i32(t0), i32(T)))
+
+
+def store_nearest(xp, x, T: int, pat, m: int, out, rows, t0: int):
+    """Each token 0..T-1 of x (nb, H, w >= T, D) fp16/float32 (read in place)'s nearest (L2) of the
+    first m patterns of its (sequence, head) in pat (B, H, M, D) fp16, stored as tokens t0.. of
+    batch rows `rows` in out (B, H, cap) uint8 (see minikv.kv.patterns.store_nearest)."""
+    if x.shape[3] not in _KM_DIMS or m > _MAX_M:
+        return patterns.store_nearest(xp, x, T, pat, m, out, rows, t0)
+    if T:
+        _assign(x, T, pat, m, out, rows, t0)
 
 
 def minmax_assign(xp, x, c):
@@ -177,62 +206,92 @@ def _v_use_residual(xp, v, c):
     return out
 
 
-_CTYPE = {np.dtype(np.float16): "__half", np.dtype(np.float32): "float"}
+def _residual_args(what: str, x, T: int, pat, idx, rows, t0: int):
+    """Check the pkv kernels' sources; -> (the PKV_SRC_ARGS tuple, nb, H, D, B, C type of x)."""
+    x, (xb, xh, xt), ct = token_rows(f"{what} x", x, T)
+    nb, H, _, D = x.shape
+    B, M = pat.shape[0], pat.shape[2]
+    check(f"{what} pat", pat, np.float16, (B, H, M, D))
+    tcap = check(f"{what} idx", idx, np.uint8, (B, H, None)).shape[2]
+    if pat.data.ptr % 16 or not 0 <= t0 <= tcap - T:
+        raise ValueError(f"{what}: pat must be 16-byte aligned and tokens {t0}..{t0 + T} within {tcap}")
+    return (x, xb, xh, xt, i32(H), device_rows(rows, B), pat, i32(M), idx, i32(tcap), i32(t0)), nb, H, D, B, ct
 
 
-def _residual_args(what: str, x, pat, idx, T: int):
-    """Check pack_*_residuals' inputs; -> (nb, H, w, D, M, C type of x)."""
-    if x.ndim != 4 or np.dtype(x.dtype) not in _CTYPE:
-        raise TypeError(f"{what}: x must be (nb, H, w, D) float16 or float32, got {x.dtype} {x.shape}")
-    nb, H, w, D = check(f"{what} x", x, x.dtype).shape
-    if D % 8 or not 0 < T <= w:
-        raise ValueError(f"{what}: D ({D}) must be a multiple of 8 and 0 < tokens ({T}) <= w ({w})")
-    M = check(f"{what} pat", pat, np.float16, (nb, H, None, D)).shape[2]
-    check(f"{what} idx", idx, np.uint8, (nb, H, T))
-    if x.data.ptr % 16 or pat.data.ptr % 16:
-        raise ValueError(f"{what}: x and pat must be 16-byte aligned")
-    return nb, H, w, D, M, _CTYPE[np.dtype(x.dtype)]
+def store_k_residuals(xp, x, n: int, G: int, bits: int, out, pat, idx, rows, c0: int, hat: bool = True):
+    """PatternKV's K storage of n chunks in one kernel that reads x (fp16/float32) in place and writes
+    the storage (see minikv.kv.patterns.store_k_residuals, whose results it gives bit for bit)."""
+    bits = check_bits("store_k_residuals", bits, (2, 3, 4))
+    args, nb, H, D, B, ct = _residual_args("store_k_residuals", x, n * G, pat, idx, rows, c0 * G)
+    return launch_k_chunks("store_k_residuals", kernel(_MOD, f"pkv_k_chunks<{bits}, {ct}>", EXACT), args,
+                           (nb, H, D, B), n, G, bits, out, c0, hat)
+
+
+def _store_v(x, T: int, bits: int, group: int, out, pat, idx, rows, t0: int, hat: bool, use):
+    """pkv_v_tokens into out = (codes, scale, min[, mask]) at tokens t0..; use: (nb, H, T) bool or None."""
+    import cupy as cp
+
+    bits = check_bits("store_v_residuals", bits, (2, 3, 4))
+    args, nb, H, D, B, ct = _residual_args("store_v_residuals", x, T, pat, idx, rows, t0)
+    if group <= 0 or group % 8 or D % group:
+        raise ValueError(f"store_v_residuals: group={group} must be a multiple of 8 dividing D={D}")
+    codes, scale, mn = out[:3]
+    mask = out[3] if len(out) > 3 else None
+    cap = idx.shape[2]
+    tail = (D // group,)
+    check_storage("codes scale min", out[:3], B, H, cap, ((np.uint8, (D * bits // 8,)), (np.float16, tail),
+                                                          (np.float16, tail)))
+    R = nb * H * T
+    grid, block, smem = row_launch(R, D)
+    if mask is not None:
+        check("store_v_residuals mask", mask, np.uint8, (B, H, cap // 8))
+        if T % 8 or t0 % 8 or cap % 8 or block[0] // (D // 8) % 8:
+            raise ValueError(f"store_v_residuals: the V mask needs T ({T}), t0 ({t0}), cap ({cap}) and the rows "
+                             f"per block multiples of 8")
+    if R >= 2**31:
+        raise ValueError(f"store_v_residuals: {R} rows, more than int32 indexes")
+    x_hat = cp.empty((nb, H, T, D), np.float32) if hat else None
+    if R:
+        k = np.float32(2.0 * Z95 / math.sqrt(5.0 * D))  # as the oracle computes it
+        null = np.uint64(0)
+        kernel(_MOD, f"pkv_v_tokens<{bits}, {ct}>", EXACT)(
+            grid, block, (*args, i32(T), codes, scale, mn, null if use is None else use, null if mask is None else mask,
+                          null if x_hat is None else x_hat, i32(R), i32(D), i32(group), f32(k)), shared_mem=smem * 4)
+    return x_hat
+
+
+def store_v_residuals(xp, x, T: int, bits: int, group: int, out, pat, idx, rows, t0: int, hat: bool = True):
+    """PatternKV's V storage of T tokens (codes, scale, min, V mask bits) in one kernel that reads x
+    in place (see minikv.kv.patterns.store_v_residuals, whose results it gives bit for bit)."""
+    return _store_v(x, T, bits, group, out, pat, idx, rows, t0, hat, None)
+
+
+def _fresh(nb, H, cap, tails):
+    import cupy as cp
+
+    return tuple(cp.empty((nb, H, cap, *tail), dt) for dt, tail in tails)
 
 
 def pack_k_residuals(xp, x, pat, idx, n: int, G: int, bits: int, hat: bool = True):
-    """PatternKV's K storage of n chunks of G tokens in one kernel that reads x in place (see
-    minikv.kv.patterns.pack_k_residuals, whose results it gives bit for bit): x (nb, H, w, D)
-    float16/float32, pat (nb, H, M, D) fp16, idx (nb, H, n*G) uint8."""
-    import cupy as cp
-
-    bits = check_bits("pack_k_residuals", bits, (2, 3, 4))
-    nb, H, w, D, M, ct = _residual_args("pack_k_residuals", x, pat, idx, n * G)
-    codes = cp.empty((nb, H, n, G, D * bits // 8), np.uint8)
-    scale, mn = cp.empty((nb, H, n, D), np.float16), cp.empty((nb, H, n, D), np.float16)
-    x_hat = cp.empty((nb, H, n * G, D), np.float32) if hat else None
-    if nb * H * n:
-        grid, block, smem = column_launch(nb * H * n, D)
-        kernel(_MOD, f"pkv_k_chunks<{bits}, {ct}>", EXACT)(
-            grid, block, (x, pat, idx, codes, scale, mn, x_hat if hat else np.uint64(0), i32(w), i32(M), i32(n * G), i32(G),
-                          i32(D)), shared_mem=smem * 2 + 3 * D * 4)
-    return codes, scale, mn, x_hat
+    """PatternKV's K storage of n chunks of G tokens (see minikv.kv.patterns.pack_k_residuals, whose
+    results it gives bit for bit): x (nb, H, w, D) float16/float32, pat (nb, H, M, D) fp16, idx
+    (nb, H, n*G) uint8."""
+    nb, H, _, D = x.shape
+    out = _fresh(nb, H, n, ((np.uint8, (G, D * bits // 8)), (np.float16, (D,)), (np.float16, (D,))))
+    x_hat = store_k_residuals(xp, x, n, G, bits, out, pat, idx, np.arange(nb), 0, hat)
+    return (*out, x_hat)
 
 
 def pack_v_residuals(xp, x, pat, idx, T: int, bits: int, group: int, hat: bool = True):
-    """PatternKV's V storage of T tokens in one kernel that reads x in place: the V test, then
-    kivi V of the residual or the raw value (see minikv.kv.patterns.pack_v_residuals, whose
-    results it gives bit for bit): x (nb, H, w, D) float16/float32, pat (nb, H, M, D) fp16,
-    idx (nb, H, T) uint8."""
+    """PatternKV's V storage of T tokens: the V test, then kivi V of the residual or the raw value
+    (see minikv.kv.patterns.pack_v_residuals, whose results it gives bit for bit): x (nb, H, w, D)
+    float16/float32, pat (nb, H, M, D) fp16, idx (nb, H, T) uint8."""
     import cupy as cp
 
-    bits = check_bits("pack_v_residuals", bits, (2, 3, 4))
-    nb, H, w, D, M, ct = _residual_args("pack_v_residuals", x, pat, idx, T)
-    if group <= 0 or group % 8 or D % group:
+    nb, H, _, D = x.shape
+    if group <= 0 or D % group:
         raise ValueError(f"pack_v_residuals: group={group} must be a multiple of 8 dividing D={D}")
-    codes = cp.empty((nb, H, T, D * bits // 8), np.uint8)
-    scale, mn = cp.empty((nb, H, T, D // group), np.float16), cp.empty((nb, H, T, D // group), np.float16)
+    out = _fresh(nb, H, T, ((np.uint8, (D * bits // 8,)), (np.float16, (D // group,)), (np.float16, (D // group,))))
     use = cp.empty((nb, H, T), dtype=bool)
-    x_hat = cp.empty((nb, H, T, D), np.float32) if hat else None
-    R = nb * H * T
-    if R:
-        grid, block, smem = row_launch(R, D)
-        k = np.float32(2.0 * Z95 / math.sqrt(5.0 * D))  # as the oracle computes it
-        kernel(_MOD, f"pkv_v_tokens<{bits}, {ct}>", EXACT)(
-            grid, block, (x, pat, idx, codes, scale, mn, use, x_hat if hat else np.uint64(0), i32(R), i32(w), i32(M), i32(T),
-                          i32(D), i32(group), f32(k)), shared_mem=smem * 4)
-    return codes, scale, mn, use, x_hat
+    x_hat = _store_v(x, T, bits, group, out, pat, idx, np.arange(nb), 0, hat, use)
+    return (*out, use, x_hat)

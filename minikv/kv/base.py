@@ -48,6 +48,11 @@ class KVCache(ABC):
 
         return FusedAttention(self.xp, self.geom.head_dim)
 
+    def per_layer(self, shape, dtype) -> list:
+        """A zeroed array of `shape` per layer: views of one allocation (one per layer would cost a
+        cache of a 32-layer model a few milliseconds of allocations and memsets)."""
+        return list(self.xp.zeros((self.geom.n_layers, *shape), dtype))
+
     @classmethod
     def validate(cls, spec) -> None:
         """Raise MinikvError unless `spec` (a KVSpec) is valid for this method."""

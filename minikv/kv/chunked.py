@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import MinikvError
 from .attention import attention
 from .base import KVCache
+from .packing import row_index
 
 
 class ChunkedQuantCache(KVCache):
@@ -85,18 +86,18 @@ class ChunkedQuantCache(KVCache):
         self.flush_at = max(self.s["r"], self.G)  # window size that triggers a flush
         self.n_chunks_max = -(-max(0, capacity - self.S) // self.G)
         self.n_chunks = np.zeros(batch, dtype=np.int64)  # flushed chunks per sequence
-        xp, dt, L = self.xp, backend.dtype, range(geom.n_layers)
+        xp, dt = self.xp, backend.dtype
         shape = (batch, geom.n_kv_heads, 0, geom.head_dim)  # (B, Hkv, T, D)
-        self.sink_k = [xp.zeros(shape[:2] + (self.S,) + shape[3:], dt) for _ in L]
-        self.sink_v = [xp.zeros(shape[:2] + (self.S,) + shape[3:], dt) for _ in L]
-        self.win_k = [xp.zeros(shape[:2] + (self.flush_at,) + shape[3:], dt) for _ in L]
-        self.win_v = [xp.zeros(shape[:2] + (self.flush_at,) + shape[3:], dt) for _ in L]
+        self.sink_k = self.per_layer(shape[:2] + (self.S,) + shape[3:], dt)
+        self.sink_v = self.per_layer(shape[:2] + (self.S,) + shape[3:], dt)
+        self.win_k = self.per_layer(shape[:2] + (self.flush_at,) + shape[3:], dt)
+        self.win_v = self.per_layer(shape[:2] + (self.flush_at,) + shape[3:], dt)
         if self.fused is not None and self.G % 64:
             self.fused = None  # the kernel walks chunks in 64-token tiles
         # The reference attention keeps the flushed chunks dequantized; the kernel reads storage.
         hist = shape[:2] + ((0 if self.fused else self.n_chunks_max * self.G),) + shape[3:]
-        self.hist_k = [xp.zeros(hist, dt) for _ in L]
-        self.hist_v = [xp.zeros(hist, dt) for _ in L]
+        self.hist_k = self.per_layer(hist, dt)
+        self.hist_v = self.per_layer(hist, dt)
         self._step: list = [None] * geom.n_layers  # this step's (k, v) per layer until commit
         self._groups: list = []
         self._flushing = np.zeros(batch, dtype=np.int64)
@@ -136,9 +137,7 @@ class ChunkedQuantCache(KVCache):
 
     def _ix(self, rows: np.ndarray):
         """Host row numbers -> an index for device arrays (a slice when contiguous)."""
-        if rows[-1] - rows[0] + 1 == len(rows):
-            return slice(int(rows[0]), int(rows[-1]) + 1)
-        return self.xp.asarray(rows)
+        return row_index(self.xp, rows)
 
     # -- stepping -----------------------------------------------------------------------------
     def begin_step(self, n_new):
@@ -222,9 +221,13 @@ class ChunkedQuantCache(KVCache):
                 self.win_k[layer][r, :, w:w + n - ns] = k[r, :, ns:n]
                 self.win_v[layer][r, :, w:w + n - ns] = v[r, :, ns:n]
                 continue
-            xk = xp.concatenate([self.win_k[layer][r, :, :w], k[r, :, ns:n]], axis=2)  # (nb, Hkv, w', D)
-            xv = xp.concatenate([self.win_v[layer][r, :, :w], v[r, :, ns:n]], axis=2)
+            if w:  # (nb, Hkv, w', D): the window, then this step's tokens
+                xk = xp.concatenate([self.win_k[layer][r, :, :w], k[r, :, ns:n]], axis=2)
+                xv = xp.concatenate([self.win_v[layer][r, :, :w], v[r, :, ns:n]], axis=2)
+            else:  # the quantizers read the step's tokens in place (a view into the projection)
+                xk, xv = k[r, :, ns:n], v[r, :, ns:n]
             if c0 == 0 and self.FIRST_FLUSH_BATCH_BYTES:
+                xk, xv = self.backend.ops.contiguous(xk), self.backend.ops.contiguous(xv)  # no view pinning the projection
                 self._pending.append((layer, rows, f, xk, xv))
                 self._pending_bytes += xk.nbytes + xv.nbytes
                 if self._pending_bytes >= self.FIRST_FLUSH_BATCH_BYTES:

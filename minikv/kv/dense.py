@@ -17,8 +17,8 @@ class DenseCache(KVCache):
         super().__init__(geom, batch, capacity, backend, attention)
         shape = (batch, geom.n_kv_heads, capacity, geom.head_dim)  # (B, Hkv, T, D) per layer
         xp = self.xp
-        self.k = [xp.zeros(shape, dtype=backend.dtype) for _ in range(geom.n_layers)]
-        self.v = [xp.zeros(shape, dtype=backend.dtype) for _ in range(geom.n_layers)]
+        self.k = self.per_layer(shape, backend.dtype)
+        self.v = self.per_layer(shape, backend.dtype)
 
 
     def update(self, layer, k, v):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .chunked import ChunkedQuantCache
-from .packing import pack, uniform_codes, uniform_dequant, uniform_params, unpack
+from .packing import pack, row_index, uniform_codes, uniform_dequant, uniform_params, unpack
 from .registry import register
 
 
@@ -34,6 +34,29 @@ def quantize_v_tokens(xp, x, bits: int, group: int):
     return pack(xp, codes, bits), scale[..., 0], mn[..., 0], x_hat
 
 
+def store_k_chunks(xp, x, n: int, G: int, bits: int, out, rows, c0: int, hat: bool = True):
+    """Quantize chunks 0..n-1 (G tokens each) of x (nb, H, w >= n*G, D) and store them as chunks
+    c0.. of batch rows `rows` in out = (codes (B, H, NC, G, D*b/8), scale, min (B, H, NC, D)).
+    Returns x_hat (nb, H, n*G, D) float32 if hat, else None."""
+    nb, H, _, D = x.shape
+    kc, ks, km, k_hat = quantize_k_chunks(xp, x[:, :, :n * G].astype(np.float32).reshape(nb, H, n, G, D), bits)
+    r = row_index(xp, rows)
+    for dst, a in zip(out, (kc, ks, km)):
+        dst[r, :, c0:c0 + n] = a
+    return k_hat.reshape(nb, H, n * G, D) if hat else None
+
+
+def store_v_tokens(xp, x, T: int, bits: int, group: int, out, rows, t0: int, hat: bool = True):
+    """Quantize tokens 0..T-1 of x (nb, H, w >= T, D) per token in groups of `group` channels and
+    store them as tokens t0.. of batch rows `rows` in out = (codes (B, H, cap, D*b/8), scale, min
+    (B, H, cap, D/group)). Returns x_hat (nb, H, T, D) float32 if hat, else None."""
+    vc, vs, vm, v_hat = quantize_v_tokens(xp, x[:, :, :T].astype(np.float32), bits, group)
+    r = row_index(xp, rows)
+    for dst, a in zip(out, (vc, vs, vm)):
+        dst[r, :, t0:t0 + T] = a
+    return v_hat if hat else None
+
+
 @register("kivi")
 class KiviCache(ChunkedQuantCache):
     method = "kivi"
@@ -46,29 +69,19 @@ class KiviCache(ChunkedQuantCache):
         kb, vb = self.s["kbits"], self.s["vbits"]
         self.vgroup = min(D, 128)
         self.q = self.quantizers("minikv.kv.kivi", "minikv.cuda.kivi")
-        L = range(g.n_layers)
-        self.kc = [xp.zeros((B, H, NC, G, D * kb // 8), np.uint8) for _ in L]
-        self.ks = [xp.zeros((B, H, NC, D), np.float16) for _ in L]
-        self.km = [xp.zeros((B, H, NC, D), np.float16) for _ in L]
-        self.vc = [xp.zeros((B, H, NC * G, D * vb // 8), np.uint8) for _ in L]
-        self.vs = [xp.zeros((B, H, NC * G, D // self.vgroup), np.float16) for _ in L]
-        self.vm = [xp.zeros((B, H, NC * G, D // self.vgroup), np.float16) for _ in L]
+        self.kc = self.per_layer((B, H, NC, G, D * kb // 8), np.uint8)
+        self.ks = self.per_layer((B, H, NC, D), np.float16)
+        self.km = self.per_layer((B, H, NC, D), np.float16)
+        self.vc = self.per_layer((B, H, NC * G, D * vb // 8), np.uint8)
+        self.vs = self.per_layer((B, H, NC * G, D // self.vgroup), np.float16)
+        self.vm = self.per_layer((B, H, NC * G, D // self.vgroup), np.float16)
 
     def _flush(self, layer, rows, c0, n, xk, xv):
-        xp, G, r = self.xp, self.G, self._ix(rows)
-        nb, H, _, D = xk.shape
-        k = xk[:, :, :n * G].astype(np.float32).reshape(nb, H, n, G, D)
-        kc, ks, km, k_hat = self.q.quantize_k_chunks(xp, k, self.s["kbits"])
-        self.kc[layer][r, :, c0:c0 + n] = kc
-        self.ks[layer][r, :, c0:c0 + n] = ks
-        self.km[layer][r, :, c0:c0 + n] = km
-        v = xv[:, :, :n * G].astype(np.float32)
-        vc, vs, vm, v_hat = self.q.quantize_v_tokens(xp, v, self.s["vbits"], self.vgroup)
-        t0 = c0 * G
-        self.vc[layer][r, :, t0:t0 + n * G] = vc
-        self.vs[layer][r, :, t0:t0 + n * G] = vs
-        self.vm[layer][r, :, t0:t0 + n * G] = vm
-        return k_hat.reshape(nb, H, n * G, D), v_hat
+        xp, G, L, hat = self.xp, self.G, layer, self.fused is None  # only the reference attention reads x_hat
+        k_hat = self.q.store_k_chunks(xp, xk, n, G, self.s["kbits"], (self.kc[L], self.ks[L], self.km[L]), rows, c0, hat)
+        v_hat = self.q.store_v_tokens(xp, xv, n * G, self.s["vbits"], self.vgroup, (self.vc[L], self.vs[L], self.vm[L]),
+                                      rows, c0 * G, hat)
+        return k_hat, v_hat
 
     def kernel_storage(self, layer):
         from ..cuda.attention import Storage

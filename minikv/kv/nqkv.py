@@ -62,20 +62,19 @@ class NqkvCache(ChunkedQuantCache):
         if D % self.bs:
             raise MinikvError(f"--kv {self.spec}: bs={self.bs} does not divide head_dim {D}")
         kb, vb, T = self.s["kbits"], self.s["vbits"], NC * G
-        L = range(g.n_layers)
         self.channel = self.s["kaxis"] == "channel"
         self.q = self.quantizers("minikv.kv.nqkv", "minikv.cuda.nqkv")
         ka_shape = (B, H, NC, G // self.s["bs"], D) if self.channel else (B, H, T, D // self.bs)
-        self.kc = [xp.zeros((B, H, T, D * kb // 8), np.uint8) for _ in L]
-        self.ka = [xp.zeros(ka_shape, np.float16) for _ in L]
-        self.vc = [xp.zeros((B, H, T, D * vb // 8), np.uint8) for _ in L]
-        self.va = [xp.zeros((B, H, T, D // self.bs), np.float16) for _ in L]
+        self.kc = self.per_layer((B, H, T, D * kb // 8), np.uint8)
+        self.ka = self.per_layer(ka_shape, np.float16)
+        self.vc = self.per_layer((B, H, T, D * vb // 8), np.uint8)
+        self.va = self.per_layer((B, H, T, D // self.bs), np.float16)
 
     def _flush(self, layer, rows, c0, n, xk, xv):
         xp, G, r = self.xp, self.G, self._ix(rows)
         nb, H, _, D = xk.shape
         t0, t1 = c0 * G, (c0 + n) * G
-        k = xk[:, :, :n * G].astype(np.float32)
+        k = xp.ascontiguousarray(xk[:, :, :n * G], dtype=np.float32)  # xk may be a view into the projection
         if self.channel:
             kc, ka, k_hat = self.q.quantize_channel_blocks(xp, k.reshape(nb, H, n, G, D), self.s["kbits"], self.s["bs"])
             self.kc[layer][r, :, t0:t1] = kc.reshape(nb, H, n * G, -1)
@@ -85,7 +84,8 @@ class NqkvCache(ChunkedQuantCache):
             kc, ka, k_hat = self.q.quantize_token_blocks(xp, k, self.s["kbits"], self.bs)
             self.kc[layer][r, :, t0:t1] = kc
             self.ka[layer][r, :, t0:t1] = ka
-        vc, va, v_hat = self.q.quantize_token_blocks(xp, xv[:, :, :n * G].astype(np.float32), self.s["vbits"], self.bs)
+        vc, va, v_hat = self.q.quantize_token_blocks(xp, xp.ascontiguousarray(xv[:, :, :n * G], dtype=np.float32),
+                                                    self.s["vbits"], self.bs)
         self.vc[layer][r, :, t0:t1] = vc
         self.va[layer][r, :, t0:t1] = va
         return k_hat, v_hat

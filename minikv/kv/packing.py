@@ -17,6 +17,13 @@ from statistics import NormalDist
 import numpy as np
 
 
+def row_index(xp, rows):
+    """Host batch rows -> an index for device arrays (a slice when contiguous: a view, no gather)."""
+    rows = np.asarray(rows)
+    if rows[-1] - rows[0] + 1 == len(rows) and (np.diff(rows) == 1).all():
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return xp.asarray(rows)
+
 
 def packed_bytes(n_codes: int, bits: int) -> int:
     return n_codes * bits // 8

@@ -38,12 +38,11 @@ class PatternKVCache(KiviCache):
         super().allocate()
         xp, g, B = self.xp, self.geom, self.batch
         H, D, T, M = g.n_kv_heads, g.head_dim, self.n_chunks_max * self.G, self.s["mmax"]
-        L = range(g.n_layers)
-        self.kidx = [xp.zeros((B, H, T), np.uint8) for _ in L]
-        self.vidx = [xp.zeros((B, H, T), np.uint8) for _ in L]
-        self.vmask = [xp.zeros((B, H, T // 8), np.uint8) for _ in L]
-        self.kpat = [xp.zeros((B, H, M, D), np.float16) for _ in L]
-        self.vpat = [xp.zeros((B, H, M, D), np.float16) for _ in L]
+        self.kidx = self.per_layer((B, H, T), np.uint8)
+        self.vidx = self.per_layer((B, H, T), np.uint8)
+        self.vmask = self.per_layer((B, H, T // 8), np.uint8)
+        self.kpat = self.per_layer((B, H, M, D), np.float16)
+        self.vpat = self.per_layer((B, H, M, D), np.float16)
         self.count = np.zeros((g.n_layers, B), dtype=np.int64)  # patterns per (layer, sequence)
         self.pm = self.quantizers("minikv.kv.patterns", "minikv.cuda.patternkv")  # mining functions
 
@@ -68,57 +67,47 @@ class PatternKVCache(KiviCache):
         m, cap = min(self.s["m"], w), self.s["kmpoints"]
         pick = slice(None) if not cap or w <= cap else xp.arange(cap) * w // cap
         kv = xp.concatenate([x[:, :, pick] for pair in zip(xks, xvs) for x in pair], axis=1)  # (nb, L*2H, P, D)
-        kv = kv.astype(np.float32).reshape(nb, len(xks), 2 * H, -1, D).transpose(1, 0, 2, 3, 4)
+        kv = kv.reshape(nb, len(xks), 2 * H, -1, D).transpose(1, 0, 2, 3, 4)  # fp16 on the GPU: half the bytes
         c = self.pm.kmeans(xp, xp.ascontiguousarray(kv).reshape(-1, kv.shape[3], D), m)
         return list(c.reshape(len(xks), nb, 2 * H, m, D))
 
     def _assign(self, layer, rows, c0, n, k, v, centres=None):
-        """Pattern indices (nb, H, n*G) for K and V of the n chunks, updating the patterns;
-        centres: the first flush's, if already mined."""
-        xp, G, r = self.xp, self.G, self._ix(rows)
+        """Store the pattern indices of the n chunks' tokens (kidx, vidx), updating the patterns;
+        k, v (nb, H, w >= n*G, D); centres: the first flush's, if already mined."""
+        xp, G, r, L = self.xp, self.G, self._ix(rows), layer
         nb, H, w, D = k.shape
-        kp, vp = self.kpat[layer], self.vpat[layer]
+        kp, vp, t0 = self.kpat[L], self.vpat[L], c0 * G
         if c0 == 0:  # first flush of these sequences: mine their window (the prefill)
             c = centres if centres is not None else self._mine([k], [v])[0]
             m = c.shape[2]
             kp[r, :, :m], vp[r, :, :m] = c[:, :H].astype(np.float16), c[:, H:].astype(np.float16)
-            self.count[layer, rows] = m
-            x = xp.concatenate([k[:, :, :n * G], v[:, :, :n * G]], axis=1).reshape(nb * 2 * H, n * G, D)
-            p = xp.concatenate([kp[r, :, :m], vp[r, :, :m]], axis=1).astype(np.float32).reshape(nb * 2 * H, m, D)
-            a = self.pm.nearest_l2(xp, x, p).reshape(nb, 2 * H, n * G)
-            return a[:, :H], a[:, H:]
-        ak, av = [], []
+            self.count[L, rows] = m
+            self.pm.store_nearest(xp, k, n * G, kp, m, self.kidx[L], rows, 0)
+            self.pm.store_nearest(xp, v, n * G, vp, m, self.vidx[L], rows, 0)
+            return
         for i in range(n):  # chunk by chunk: each may add the pattern the next ones use
-            ck, cv = k[:, :, i * G:(i + 1) * G], v[:, :, i * G:(i + 1) * G]  # (nb, H, G, D)
-            m = int(self.count[layer, rows[0]])  # rows in one flush group share their state
+            ck, cv = (x[:, :, i * G:(i + 1) * G].astype(np.float32).reshape(nb * H, G, D) for x in (k, v))
+            m = int(self.count[L, rows[0]])  # rows in one flush group share their state
             if m < self.s["mmax"]:
-                kp[r, :, m] = self.pm.chebyshev_centre(ck.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
-                vp[r, :, m] = self.pm.chebyshev_centre(cv.reshape(nb * H, G, D)).reshape(nb, H, D).astype(np.float16)
+                kp[r, :, m] = self.pm.chebyshev_centre(ck).reshape(nb, H, D).astype(np.float16)
+                vp[r, :, m] = self.pm.chebyshev_centre(cv).reshape(nb, H, D).astype(np.float16)
                 m += 1
-                self.count[layer, rows] = m
+                self.count[L, rows] = m
             pk = kp[r, :, :m].astype(np.float32).reshape(nb * H, m, D)
             pv = vp[r, :, :m].astype(np.float32).reshape(nb * H, m, D)
-            ak.append(self.pm.minmax_assign(xp, ck.reshape(nb * H, G, D), pk).reshape(nb, H, G))
-            av.append(self.pm.minmax_assign(xp, cv.reshape(nb * H, G, D), pv).reshape(nb, H, G))
-        return xp.concatenate(ak, axis=-1), xp.concatenate(av, axis=-1)
+            ti = t0 + i * G
+            self.kidx[L][r, :, ti:ti + G] = self.pm.minmax_assign(xp, ck, pk).reshape(nb, H, G).astype(np.uint8)
+            self.vidx[L][r, :, ti:ti + G] = self.pm.minmax_assign(xp, cv, pv).reshape(nb, H, G).astype(np.uint8)
 
     def _flush(self, layer, rows, c0, n, xk, xv, centres=None):
-        xp, G, r = self.xp, self.G, self._ix(rows)
-        nb, H, _, D = xk.shape
-        t0, t1 = c0 * G, (c0 + n) * G
-        ak, av = self._assign(layer, rows, c0, n, xk.astype(np.float32), xv.astype(np.float32), centres)
-        ak, av = (xp.ascontiguousarray(a, dtype=np.uint8) for a in (ak, av))  # (nb, H, n*G)
+        xp, G, L = self.xp, self.G, layer
+        self._assign(L, rows, c0, n, xk, xv, centres)
         hat = self.fused is None  # only the reference attention reads the rebuilt tokens
-        kc, ks, km, k_hat = self.pm.pack_k_residuals(xp, xk, self.kpat[layer][r], ak, n, G, self.s["kbits"], hat)
-        vc, vs, vm, use, v_hat = self.pm.pack_v_residuals(xp, xv, self.vpat[layer][r], av, n * G, self.s["vbits"],
-                                                          self.vgroup, hat)
-        self.kc[layer][r, :, c0:c0 + n], self.ks[layer][r, :, c0:c0 + n] = kc, ks
-        self.km[layer][r, :, c0:c0 + n] = km
-        self.vc[layer][r, :, t0:t1], self.vs[layer][r, :, t0:t1] = vc, vs
-        self.vm[layer][r, :, t0:t1] = vm
-        self.kidx[layer][r, :, t0:t1], self.vidx[layer][r, :, t0:t1] = ak, av
-        bits = use.reshape(nb, H, n * G // 8, 8).astype(np.uint8) << xp.arange(8, dtype=np.uint8)
-        self.vmask[layer][r, :, t0 // 8:t1 // 8] = bits.sum(-1, dtype=np.uint8)
+        k_hat = self.pm.store_k_residuals(xp, xk, n, G, self.s["kbits"], (self.kc[L], self.ks[L], self.km[L]),
+                                          self.kpat[L], self.kidx[L], rows, c0, hat)
+        v_hat = self.pm.store_v_residuals(xp, xv, n * G, self.s["vbits"], self.vgroup,
+                                          (self.vc[L], self.vs[L], self.vm[L], self.vmask[L]), self.vpat[L],
+                                          self.vidx[L], rows, c0 * G, hat)
         return k_hat, v_hat
 
     def pattern_counts(self, layer):

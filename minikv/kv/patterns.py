@@ -1,7 +1,7 @@
 """PatternKV's pattern mining and assignment (KVQUANT.md 3.1-3.3), as array-op oracles.
 
 All functions work on N independent sets at once (one per (sequence, kv head)); x is
-(N, tokens, D) float32 holding fp16 values. KMeans sums and distances run in float64, where
+(N, tokens, D) fp16, or float32 holding fp16 values. KMeans sums and distances run in float64, where
 sums of fp16-valued data are exact in practice, so any summation order (a GPU's) gives the
 same centres and the result is deterministic.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .packing import row_index
 
 Z95 = 1.6448536269514722  # Phi^-1(0.95)
 
@@ -119,6 +121,44 @@ def pack_v_residuals(xp, x, pat, idx, T: int, bits: int, group: int, hat: bool =
     c = xp.where(use[..., None], c, np.float32(0.0))
     vc, vs, vm, r_hat = quantize_v_tokens(xp, v - c, bits, group)
     return vc, vs, vm, use, (c + r_hat) if hat else None
+
+
+def store_nearest(xp, x, T: int, pat, m: int, out, rows, t0: int):
+    """Each token 0..T-1 of x (nb, H, w >= T, D)'s nearest (L2) of the first m patterns of its
+    (sequence, head) in pat (B, H, M, D) fp16, stored as tokens t0.. of batch rows `rows` in the
+    index storage out (B, H, cap) uint8."""
+    nb, H, _, D = x.shape
+    r = row_index(xp, rows)
+    p = pat[r, :, :m].astype(np.float32).reshape(nb * H, m, D)
+    a = nearest_l2(xp, x[:, :, :T].astype(np.float32).reshape(nb * H, T, D), p)
+    out[r, :, t0:t0 + T] = a.reshape(nb, H, T).astype(np.uint8)
+
+
+def store_k_residuals(xp, x, n: int, G: int, bits: int, out, pat, idx, rows, c0: int, hat: bool = True):
+    """pack_k_residuals of chunks 0..n-1 of x (nb, H, w >= n*G, D) against the method's pattern
+    tables pat (B, H, M, D) fp16 and indices idx (B, H, cap) uint8 (already stored for tokens
+    c0*G..), stored as chunks c0.. of batch rows `rows` in out = (codes, scale, min) (kivi K
+    storage). Returns x_hat (nb, H, n*G, D) float32 if hat, else None."""
+    r, t0 = row_index(xp, rows), c0 * G
+    kc, ks, km, k_hat = pack_k_residuals(xp, x, pat[r], idx[r, :, t0:t0 + n * G], n, G, bits, hat)
+    for dst, a in zip(out, (kc, ks, km)):
+        dst[r, :, c0:c0 + n] = a
+    return k_hat
+
+
+def store_v_residuals(xp, x, T: int, bits: int, group: int, out, pat, idx, rows, t0: int, hat: bool = True):
+    """pack_v_residuals of tokens 0..T-1 of x (nb, H, w >= T, D) against pat (B, H, M, D) fp16 and
+    idx (B, H, cap) uint8 (already stored for tokens t0..), stored as tokens t0.. of batch rows
+    `rows` in out = (codes, scale, min (kivi V storage), mask (B, H, cap/8) uint8: bit t%8 of byte
+    t//8 is the V test's verdict); T and t0 multiples of 8. Returns x_hat if hat, else None."""
+    r = row_index(xp, rows)
+    nb, H = x.shape[:2]
+    vc, vs, vm, use, v_hat = pack_v_residuals(xp, x, pat[r], idx[r, :, t0:t0 + T], T, bits, group, hat)
+    for dst, a in zip(out, (vc, vs, vm)):
+        dst[r, :, t0:t0 + T] = a
+    bits8 = use.reshape(nb, H, T // 8, 8).astype(np.uint8) << xp.arange(8, dtype=np.uint8)
+    out[3][r, :, t0 // 8:(t0 + T) // 8] = bits8.sum(-1, dtype=np.uint8)
+    return v_hat
 
 
 def v_use_residual(xp, v, c):
