@@ -97,6 +97,22 @@ def check_storage(what: str, arrays, B: int, H: int, cap: int, tails):
         check(f"storage {name}", a, dtype, (B, H, cap, *tail))
 
 
+def check_v_storage(what: str, out, shape, T: int, bits: int, group: int, t0: int) -> int:
+    """Check the V storage out = (codes, scale, min, ...) for tokens t0..t0+T of the (nb, H, D) sets
+    of `shape` in groups of `group` channels; -> the rows R = nb * H * T."""
+    nb, H, D, B = shape
+    if group <= 0 or group % 8 or D % group:
+        raise ValueError(f"{what}: group={group} must be a multiple of 8 dividing D={D}")
+    cap, tail = out[0].shape[2], (D // group,)
+    check_storage("codes scale min", out[:3], B, H, cap, ((np.uint8, (D * bits // 8,)), (np.float16, tail),
+                                                          (np.float16, tail)))
+    if not 0 <= t0 <= cap - T:
+        raise ValueError(f"{what}: tokens {t0}..{t0 + T} past the storage's {cap}")
+    if nb * H * T >= 2**31:
+        raise ValueError(f"{what}: {nb * H * T} rows, more than int32 indexes")
+    return nb * H * T
+
+
 def launch_k_chunks(what: str, kern, src: tuple, shape, n: int, G: int, bits: int, out, c0: int, hat: bool):
     """Check the K storage out = (codes, scale, min) and run a kivi::k_chunks kernel over n chunks of
     the (nb, H, D) sets of `shape` from the source arguments src; -> x_hat or None."""
@@ -138,17 +154,9 @@ def store_v_tokens(xp, x, T: int, bits: int, group: int, out, rows, t0: int, hat
     bits = check_bits("store_v_tokens", bits, BITS)
     x, (xb, xh, xt), ct = token_rows("store_v_tokens x", x, T)
     nb, H, _, D = x.shape
-    if group <= 0 or group % 8 or D % group:
-        raise ValueError(f"store_v_tokens: group={group} must be a multiple of 8 dividing D={D}")
     codes, scale, mn = out
     B, cap = codes.shape[0], codes.shape[2]
-    tail = (D // group,)
-    check_storage("codes scale min", out, B, H, cap, ((np.uint8, (D * bits // 8,)), (np.float16, tail), (np.float16, tail)))
-    if not 0 <= t0 <= cap - T:
-        raise ValueError(f"store_v_tokens: tokens {t0}..{t0 + T} past the storage's {cap}")
-    R = nb * H * T
-    if R >= 2**31:
-        raise ValueError(f"store_v_tokens: {R} rows, more than int32 indexes")
+    R = check_v_storage("store_v_tokens", out, (nb, H, D, B), T, bits, group, t0)
     x_hat = cp.empty((nb, H, T, D), np.float32) if hat else None
     if R:
         grid, block, smem = row_launch(R, D)

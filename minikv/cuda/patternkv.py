@@ -17,7 +17,7 @@ import numpy as np
 
 from ..kv.patterns import Z95
 from ..kv import patterns
-from .kivi import CTYPE, check_bits, check_storage, device_rows, launch_k_chunks, row_launch, token_rows
+from .kivi import CTYPE, check_bits, check_v_storage, device_rows, launch_k_chunks, row_launch, token_rows
 from .module import EXACT, check, f32, i32, kernel
 
 _MOD = "patternkv"
@@ -48,9 +48,9 @@ def _tile(N: int, P: int, unit: int) -> int:
     return min(_cdiv(P, unit) * unit, max(unit, _cdiv(want, unit) * unit))
 
 
-def _sets(what: str, a, D=None, rows16=False, dtypes=(np.float32,)):
-    """(N, rows, D) of a float32 (or one of dtypes) array; rows16: the kernel reads 16-byte rows."""
-    check(what, a, a.dtype if np.dtype(a.dtype) in tuple(map(np.dtype, dtypes)) else dtypes[0])
+def _sets(what: str, a, D=None, rows16=False, fp16=False):
+    """(N, rows, D) of a float32 (fp16: or float16) array; rows16: the kernel reads 16-byte rows."""
+    check(what, a, np.float16 if fp16 and getattr(a, "dtype", None) == np.float16 else np.float32)
     if a.ndim != 3:
         raise ValueError(f"{what}: expected (sets, rows, D), got shape {a.shape}")
     if D is not None and a.shape[2] != D:
@@ -72,7 +72,7 @@ def kmeans(xp, x, m: int, iters: int = 30, tol: float = 1e-4):
     x = xp.ascontiguousarray(x)
     if x.ndim != 3 or x.shape[2] not in _KM_DIMS or x.shape[1] > _MAX_P or m > _MAX_M:
         return patterns.kmeans(xp, x, m, iters, tol)
-    N, P, D = _sets("kmeans x", x, rows16=True, dtypes=(np.float32, np.float16))
+    N, P, D = _sets("kmeans x", x, rows16=True, fp16=True)
     ct = CTYPE[np.dtype(x.dtype)]
     _km_dim("kmeans", D)
     m = int(m)
@@ -233,23 +233,18 @@ def _store_v(x, T: int, bits: int, group: int, out, pat, idx, rows, t0: int, hat
 
     bits = check_bits("store_v_residuals", bits, (2, 3, 4))
     args, nb, H, D, B, ct = _residual_args("store_v_residuals", x, T, pat, idx, rows, t0)
-    if group <= 0 or group % 8 or D % group:
-        raise ValueError(f"store_v_residuals: group={group} must be a multiple of 8 dividing D={D}")
     codes, scale, mn = out[:3]
     mask = out[3] if len(out) > 3 else None
     cap = idx.shape[2]
-    tail = (D // group,)
-    check_storage("codes scale min", out[:3], B, H, cap, ((np.uint8, (D * bits // 8,)), (np.float16, tail),
-                                                          (np.float16, tail)))
-    R = nb * H * T
+    if codes.shape[2] != cap:
+        raise ValueError(f"store_v_residuals: V storage of {codes.shape[2]} tokens, indices of {cap}")
+    R = check_v_storage("store_v_residuals", out, (nb, H, D, B), T, bits, group, t0)
     grid, block, smem = row_launch(R, D)
     if mask is not None:
         check("store_v_residuals mask", mask, np.uint8, (B, H, cap // 8))
         if T % 8 or t0 % 8 or cap % 8 or block[0] // (D // 8) % 8:
             raise ValueError(f"store_v_residuals: the V mask needs T ({T}), t0 ({t0}), cap ({cap}) and the rows "
                              f"per block multiples of 8")
-    if R >= 2**31:
-        raise ValueError(f"store_v_residuals: {R} rows, more than int32 indexes")
     x_hat = cp.empty((nb, H, T, D), np.float32) if hat else None
     if R:
         k = np.float32(2.0 * Z95 / math.sqrt(5.0 * D))  # as the oracle computes it
