@@ -11,6 +11,8 @@
 // contiguous run of a key's codes: for scores, lane (g = lane/4, c = lane%4) holds keys 2g, 2g+1
 // and channels [c D/4, (c+1) D/4) (q in shared memory is pre-permuted to match); for P.V, keys
 // 4c..4c+3 (mma key index i is key 2i for i < 8, 2(i-8)+1 above) and channels [g D/8, (g+1) D/8).
+// Quantized keys are dealt over a whole step of NG groups instead (QStep), so that a lane's
+// per-key scales and pattern indices are one contiguous run, one vector load each.
 //
 // Uniform codes (kivi, patternkv) are folded as in attention.cu (KVQUANT.md 3.5): scores use
 // q * s_K (per chunk, times the softmax scale) against raw codes, the accumulator starting at
@@ -100,6 +102,8 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
     Acc<D, PAT> acc;
     acc.init();
     if constexpr (PAT) acc.hist = hist + warp * mp * NR, acc.hp = info.patterns;
+    // shared-memory address of this warp's histogram entry (pattern 0, row r0)
+    const uint32_t hist_row = PAT ? static_cast<uint32_t>(__cvta_generic_to_shared(hist + warp * mp * NR + r0)) : 0u;
 
     // fp16 keys [k_lo, k_hi) of a segment of n keys (rows `stride` halves apart); step keys
     // (causal) are visible to a row up to its own position.
@@ -181,8 +185,8 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                     s[gi][0] = s[gi][2] = qm0;  // the accumulators start at the affine part
                     s[gi][1] = s[gi][3] = qm1;
                     if constexpr (PAT) {
-                        const float2 c0 = *reinterpret_cast<const float2*>(qc + (cur.kx[gi] & 0xff) * NR + r0);
-                        const float2 c1 = *reinterpret_cast<const float2*>(qc + (cur.kx[gi] >> 8) * NR + r0);
+                        const float2 c0 = *reinterpret_cast<const float2*>(qc + Step::byte(cur.kx, 2 * gi) * NR + r0);
+                        const float2 c1 = *reinterpret_cast<const float2*>(qc + Step::byte(cur.kx, 2 * gi + 1) * NR + r0);
                         s[gi][0] += c0.x, s[gi][1] += c0.y, s[gi][2] += c1.x, s[gi][3] += c1.y;
                     }
 #pragma unroll
@@ -194,7 +198,7 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                 acc.template probs<false>(s);
 #pragma unroll
                 for (int gi = 0; gi < NG; ++gi) {
-                    const float2 sv = __half22float2(u2h(cur.vs[gi])), mv = __half22float2(u2h(cur.vm[gi]));
+                    const float2 sv = __half22float2(u2h(cur.vs.w[gi])), mv = __half22float2(u2h(cur.vm.w[gi]));
                     const float* p = s[gi];
                     acc.l[0] += p[0] + p[2];
                     acc.l[1] += p[1] + p[3];
@@ -206,11 +210,11 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                                                      cur.v[gi][3].w);
                     acc.pv(pv, va);
                     if constexpr (PAT) {  // H[a][row] += p for the keys whose V mask is set
-                        const int e0 = (cur.vx[gi] & 0xff) * NR, e1 = (cur.vx[gi] >> 8) * NR;
-                        // unconditional (a key off the mask adds 0): no divergent branches around the atomics
-                        const float w0 = (float)(cur.mk[gi] & 1u), w1 = (float)(cur.mk[gi] >> 1);
-                        acc.hist_add(e0 + r0, p[0] * w0), acc.hist_add(e0 + r1, p[1] * w0);
-                        acc.hist_add(e1 + r0, p[2] * w1), acc.hist_add(e1 + r1, p[3] * w1);
+                        const uint32_t e0 = hist_row + Step::byte(cur.vx, 2 * gi) * (NR * 4);
+                        const uint32_t e1 = hist_row + Step::byte(cur.vx, 2 * gi + 1) * (NR * 4);
+                        // the keys' V mask bits, each spread over a word (bit 2 gi + j to the sign, then down)
+                        acc.hist_add(e0, p[0], p[1], (uint32_t)((int)(cur.mk << (31 - 2 * gi)) >> 31));
+                        acc.hist_add(e1, p[2], p[3], (uint32_t)((int)(cur.mk << (30 - 2 * gi)) >> 31));
                     }
                 }
             };
@@ -301,17 +305,16 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
         return o;
     };
     if constexpr (PAT) {
-        // The warps' outputs merged into slot 0, their histograms into warp 0's, as H / l (<= 1):
-        // fp16 mma operands. Then warp w adds C_V^T H^T for pattern tiles w, w + DW, ... into
-        // slot w (warp 0: on top of the merged output), and slots are summed below.
-        float* hn = reinterpret_cast<float*>(hist);
+        // The warps' outputs merged into slot 0. Then warp w adds C_V^T H^T for pattern tiles w,
+        // w + DW, ... into slot w (warp 0: on top of the merged output), H / l (<= 1) as fp16 mma
+        // operands, merged from the warps' fixed-point histograms as it goes; slots are summed below.
         for (int i = tid; i < NR * D; i += NT) mo[i] = merged_o(i / D, i % D);
-        for (int i = tid; i < mp * NR; i += NT) {
-            const int r = i % NR;
-            float h = 0.0f;
-            for (int w = 0; w < DW; ++w)
-                h += ms[(w * 4 + 3) * NR + r] * inv_scale[w] * __uint2float_rn(hist[w * mp * NR + i]);
-            hn[i] = row_sum[r] > 0.0f ? h / row_sum[r] : 0.0f;
+        float f0[DW], f1[DW];  // warp w's entry -> H / l, rows r0, r1
+#pragma unroll
+        for (int w = 0; w < DW; ++w) {
+            const float l0 = row_sum[r0], l1 = row_sum[r1];
+            f0[w] = l0 > 0.0f ? ms[(w * 4 + 3) * NR + r0] * inv_scale[w] / l0 : 0.0f;
+            f1[w] = l1 > 0.0f ? ms[(w * 4 + 3) * NR + r1] * inv_scale[w] / l1 : 0.0f;
         }
         __syncthreads();
         float po[NK][4];
@@ -326,8 +329,14 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                 if (p0 + 4 * cq + j < info.patterns) cv[j].load_cached(vp + (p0 + 4 * cq + j) * D);
                 else cv[j].zero();
             }
-            const float* h0 = hn + (p0 + 2 * gq) * NR;
-            const float w[4] = {h0[r0], h0[r1], h0[NR + r0], h0[NR + r1]};
+            float w[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // patterns p0 + 2g, +1 x rows r0, r1
+#pragma unroll
+            for (int wi = 0; wi < DW; ++wi) {
+                const uint32_t* h0 = hist + (wi * mp + p0 + 2 * gq) * NR + r0;
+                const uint2 x = *reinterpret_cast<const uint2*>(h0), y = *reinterpret_cast<const uint2*>(h0 + NR);
+                w[0] += f0[wi] * __uint2float_rn(x.x), w[1] += f1[wi] * __uint2float_rn(x.y);
+                w[2] += f0[wi] * __uint2float_rn(y.x), w[3] += f1[wi] * __uint2float_rn(y.y);
+            }
             uint32_t va[NK][4];
             v_fragments<D, 16, D / 8>(va, cv[0].w, cv[2].w, cv[1].w, cv[3].w);
             const uint32_t bw[2] = {movtrans(h2u(__floats2half2_rn(w[0], w[1]))),

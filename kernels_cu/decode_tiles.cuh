@@ -144,9 +144,13 @@ struct Acc {
         }
     }
 
-    // Entry e += round(p * hscale): p * hscale + 2^23 has the integer in its low mantissa bits.
-    __device__ __forceinline__ void hist_add(int e, float p) {
-        atomicAdd(hist + e, __float_as_uint(fmaf(p, hscale, 8388608.0f)) - 0x4B000000u);
+    // Entries (e, e + 1) += round(p0 * hscale), round(p1 * hscale), masked by keep (all ones or
+    // zero: no branch around the atomics); e: the entry's shared-memory address. p * hscale <= 2^22,
+    // so p * hscale + 2^23 holds the integer in its low 23 bits.
+    __device__ __forceinline__ void hist_add(uint32_t e, float p0, float p1, uint32_t keep) {
+        const uint32_t v0 = __float_as_uint(fmaf(p0, hscale, 8388608.0f)) & 0x7fffffu & keep;
+        const uint32_t v1 = __float_as_uint(fmaf(p1, hscale, 8388608.0f)) & 0x7fffffu & keep;
+        asm volatile("red.shared.add.u32 [%0], %1;\n\tred.shared.add.u32 [%0+4], %2;" :: "r"(e), "r"(v0), "r"(v1) : "memory");
     }
 
     // O^T += V^T P^T for one group: p = (key 2g: r0, r1; key 2g+1: r0, r1) already times the V
@@ -201,38 +205,46 @@ __device__ __forceinline__ float chunk_operands(uint32_t (&bk)[D / 16][2], const
     return qm - 1024.0f * (off0 + off1);
 }
 
-// NG groups of 16 quantized keys, as this lane loads them (a step ahead of their use).
+// NG groups of 16 quantized keys, as this lane loads them (a step ahead of their use). The
+// step's keys are dealt so that each lane's are contiguous (any order does, if the scores and
+// P.V agree): group q's mma row m is key 2 NG (m % 8) + 2q + m / 8, so lane (g, c) scores keys
+// [2 NG g, 2 NG (g + 1)) over the step (their V scales, mins and pattern indices: one vector load
+// each) and multiplies V rows [4 NG c, 4 NG (c + 1)).
 template <int D, int KB, int VB, bool PAT, int NG>
 struct QStep {
     static constexpr int KBY = D * KB / 32, VBY = D * VB / 64;  // bytes per key: scores lane, P.V lane
-    Raw<KBY> k[NG][2];  // keys 2g, 2g+1; channels [c D/4, (c+1) D/4)
-    Raw<VBY> v[NG][4];  // keys 4c..4c+3; channels [g D/8, (g+1) D/8)
-    uint32_t vs[NG], vm[NG];  // half2: V scale and min of keys 2g, 2g+1
-    uint32_t kx[NG];           // patternkv: K patterns of keys 2g, 2g+1 (a byte each)
-    uint32_t vx[NG], mk[NG];   // patternkv: V patterns of keys 2g, 2g+1 (a byte each), their V mask bits
+    static constexpr int S = 2 * NG;                            // keys per lane and step (scores side)
+    Raw<KBY> k[NG][2];  // group q: keys S g + 2q, +1; channels [c D/4, (c+1) D/4)
+    Raw<VBY> v[NG][4];  // group q: keys 2 S c + 2q + {0, 1, S, S + 1}; channels [g D/8, (g+1) D/8)
+    Raw<2 * S> vs, vm;  // half2 word q: V scale / min of group q's keys S g + 2q, +1
+    Raw<S> kx, vx;      // patternkv: byte 2q + j: K / V pattern of key S g + 2q + j
+    uint32_t mk;        // patternkv: bit 2q + j: V mask of key S g + 2q + j
 
-    // tok: storage slot of the first key; bit: its index in the sequence's mask row
+    // tok: storage slot of the step's first key; bit: its index in the sequence's mask row
     __device__ __forceinline__ void load(long long tok, int bit, const uint8_t* kc, const uint8_t* vc,
                                          const __half* vsp, const __half* vmp, const uint8_t* kidx,
                                          const uint8_t* vidx, const uint8_t* mask_row) {
         const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
 #pragma unroll
         for (int q = 0; q < NG; ++q) {
-            const long long t = tok + 16 * q;
-            k[q][0].load(kc + (t + 2 * g) * (D * KB / 8) + c * KBY);
-            k[q][1].load(kc + (t + 2 * g + 1) * (D * KB / 8) + c * KBY);
+            const long long t = tok + S * g + 2 * q;
+            k[q][0].load(kc + t * (D * KB / 8) + c * KBY);
+            k[q][1].load(kc + (t + 1) * (D * KB / 8) + c * KBY);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) v[q][j].load(vc + (t + 4 * c + j) * (D * VB / 8) + g * VBY);
-            vs[q] = __ldcs(reinterpret_cast<const unsigned int*>(vsp + t + 2 * g));
-            vm[q] = __ldcs(reinterpret_cast<const unsigned int*>(vmp + t + 2 * g));
-            if constexpr (PAT) {
-                kx[q] = *reinterpret_cast<const uint16_t*>(kidx + t + 2 * g);
-                vx[q] = *reinterpret_cast<const uint16_t*>(vidx + t + 2 * g);
-                const int bq = bit + 16 * q + 2 * g;  // even: the 2 bits share a byte
-                mk[q] = (mask_row[bq >> 3] >> (bq & 7)) & 0x3u;
-            }
+            for (int j = 0; j < 4; ++j)
+                v[q][j].load(vc + (tok + 2 * S * c + 2 * q + (j & 1) + (j >> 1) * S) * (D * VB / 8) + g * VBY);
+        }
+        vs.load(vsp + tok + S * g);
+        vm.load(vmp + tok + S * g);
+        if constexpr (PAT) {
+            kx.load(kidx + tok + S * g);
+            vx.load(vidx + tok + S * g);
+            const int bq = bit + S * g;  // a multiple of S (<= 8): the bits share a byte
+            mk = (mask_row[bq >> 3] >> (bq & 7)) & ((1u << S) - 1u);
         }
     }
+    // byte i of kx / vx (i a compile-time constant after unrolling), in one prmt
+    __device__ __forceinline__ static uint32_t byte(const Raw<S>& r, int i) { return prmt(r.w[i / 4], 0u, 0x4440u | (i % 4)); }
 };
 
 // One group of 16 fp16 keys (sinks, window, this step's keys, the dense cache).

@@ -4,6 +4,7 @@ template variant the wrappers can request instantiated. Runs wherever nvcc is in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,3 +33,42 @@ def test_compiles(src, arch, tmp_path):
                         str(src), "-o", str(tmp_path / "out.ptx")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning" not in r.stderr.lower(), r.stderr[-3000:]
+
+
+def test_decode_variants_do_not_spill(tmp_path):
+    """Every decode kernel variant the wrapper picks (decode_variant) keeps its state in registers
+    on sm_90: a spill would put local-memory traffic on every key of the hot loop."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("nvcc is not on PATH in CI")
+        pytest.skip("nvcc is not installed")
+    from minikv.cuda.attention import DECODE_BITS, METHODS, decode_variant
+
+    lines, names = ['#include "decode.cu"'], []
+    for method, bits in DECODE_BITS.items():
+        for kb in bits:
+            for vb in bits:
+                ng, mb = decode_variant(method, kb, vb)
+                for D in (64, 128):
+                    args = (D, METHODS[method], kb, vb, ng, mb)
+                    lines.append(f"void* v{len(names)} = (void*)&attend_decode<{', '.join(map(str, args))}>;")
+                    names.append(args)
+    src = tmp_path / "variants.cu"
+    src.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-std=c++17", f"-I{KERNELS}", "-Xptxas", "-v", str(src),
+                        "-o", str(tmp_path / "out.cubin")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # ptxas reports each entry function ("Compiling entry function '_Z13attend_decodeILi128ELi4...'"),
+    # then its spills; template arguments appear in the mangled name as ILi<D>ELi<method>E...
+    spills, current = {}, None
+    for line in r.stderr.splitlines():
+        m = re.search(r"Compiling entry function '_Z\d+attend_decodeI((?:Li\d+E)+)E", line)
+        if m:
+            current = tuple(int(x) for x in re.findall(r"Li(\d+)E", m.group(1)))
+        elif "spill stores" in line and current is not None:
+            spills[current] = line.strip()
+            current = None
+    assert set(spills) == set(names), r.stderr[-3000:]
+    bad = {n: s for n, s in spills.items() if " 0 bytes spill stores" not in " " + s}
+    assert not bad, bad

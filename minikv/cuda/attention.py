@@ -28,6 +28,14 @@ DECODE_WARPS, DECODE_ROWS = 4, 8
 DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4)}
 
 
+def decode_variant(method: str, kb: int, vb: int) -> tuple[int, int]:
+    """(16-key groups each warp loads a step ahead, blocks per SM) of decode.cu's kernel for a
+    method: 4 groups in flight, 2 blocks, unless its registers then spill (ptxas: kivi with 8-bit
+    codes, patternkv with 4-bit K and V, at head_dim 128), which get 2 groups.
+    tests/test_kernels_compile.py checks that no variant picked here spills."""
+    return (2 if kb + vb > (6 if method == "patternkv" else 8) else 4), 2
+
+
 def decode_smem_bytes(D: int, patterns: bool, mp: int) -> int:
     """Shared memory of attend_decode<D, ...>: mirrors DLayout<D>::bytes in decode.cu."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
@@ -64,10 +72,9 @@ class Storage:
 class FusedAttention:
     """decode: route steps of <= 8 query rows per kv head to the register-tile kernel where the
     method allows (False: always the shared-memory-tile kernel; tests compare both).
-    groups: 16-key groups each warp of the decode kernel loads a step ahead (None: 4, or 2 for
-    patternkv, whose kernel runs out of registers at 4). min_blocks: blocks per SM the decode
-    kernel's registers must allow, 2 (ptxas's choice, up to 255 per thread) or 3 (None: 3 for
-    patternkv, 2 for the rest, whose kernels spill at 168 registers). keys_per_pattern: the
+    groups: 16-key groups each warp of the decode kernel loads a step ahead, min_blocks: blocks
+    per SM its registers must allow, 2 (ptxas's choice, up to 255 per thread) or 3 (None: as
+    decode_variant picks). keys_per_pattern: the
     fewest keys a block takes per pattern of its tables (patternkv: every block reads both
     pattern tables from L2, so short splits would read more table than cache). min_keys: the
     fewest keys a block takes (a block's prologue and its share of the merge are fixed costs)."""
@@ -100,8 +107,8 @@ class FusedAttention:
         key = (method, kb, vb, rows, self.groups, self.min_blocks)
         if key not in self._kernels:
             m = METHODS[method]
-            ng = self.groups or (2 if method == "patternkv" else 4)
-            mb = self.min_blocks or (3 if method == "patternkv" else 2)
+            ng, mb = decode_variant(method, kb, vb)
+            ng, mb = self.groups or ng, self.min_blocks or mb
             if mb not in (2, 3):
                 raise ValueError(f"min_blocks must be 2 or 3, not {mb}")
             self._kernels[key] = (kernel("decode", f"attend_decode<{self.D}, {m}, {kb}, {vb}, {ng}, {mb}>") if rows == 0

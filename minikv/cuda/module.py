@@ -4,6 +4,7 @@ wrapper checks dtype, shape and contiguity and casts scalars to the C types."""
 from __future__ import annotations
 
 import functools
+import hashlib
 from importlib import resources
 
 import numpy as np
@@ -17,10 +18,22 @@ def source_dir() -> str:
 
 
 @functools.cache
+def headers_digest() -> str:
+    """A digest of every header: CuPy's binary cache is keyed by the source string alone, so a
+    changed .cuh would otherwise load a stale binary."""
+    h = hashlib.sha256()
+    for f in sorted((p for p in resources.files("minikv.kernels_cu").iterdir() if p.name.endswith(".cuh")),
+                    key=lambda p: p.name):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.cache
 def module(name: str, name_expressions: tuple[str, ...] = (), options: tuple[str, ...] = ()):
     import cupy
 
     code = (resources.files("minikv.kernels_cu") / f"{name}.cu").read_text(encoding="utf-8")
+    code += f"\n// headers {headers_digest()}\n"
     return cupy.RawModule(code=code, options=("-std=c++17", f"-I{source_dir()}", *options),
                           name_expressions=name_expressions or None)
 
