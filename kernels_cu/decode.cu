@@ -180,8 +180,8 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
 #pragma unroll
                 for (int gi = 0; gi < NG; ++gi) {
                     uint32_t k0[D / 8], k1[D / 8];
-                    code_pairs<KB, (D * KB / 32 + 3) / 4, true>(cur.k[gi][0].w, k0);
-                    code_pairs<KB, (D * KB / 32 + 3) / 4, true>(cur.k[gi][1].w, k1);
+                    code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][0].w, k0);
+                    code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][1].w, k1);
                     s[gi][0] = s[gi][2] = qm0;  // the accumulators start at the affine part
                     s[gi][1] = s[gi][3] = qm1;
                     if constexpr (PAT) {
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                     uint32_t va[NK][4];
                     v_fragments<D, VB, D * VB / 128>(va, cur.v[gi][0].w, cur.v[gi][2].w, cur.v[gi][1].w,
                                                      cur.v[gi][3].w);
-                    acc.pv(pv, va);
+                    acc.pv_codes(pv, va);
                     if constexpr (PAT) {  // H[a][row] += p for the keys whose V mask is set
                         const uint32_t e0 = hist_row + Step::byte(cur.vx, 2 * gi) * (NR * 4);
                         const uint32_t e1 = hist_row + Step::byte(cur.vx, 2 * gi + 1) * (NR * 4);
@@ -218,27 +218,36 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
                     }
                 }
             };
-            // one step: prefetch the next into `nxt` (and its chunk's scales), then compute `cur`
+            // one step: prefetch the next into `nxt` (and its chunk's scales), then compute `cur`.
+            // ci: the chunk of key ct, whose keys end at c_end (steps never cross chunks: G is a
+            // multiple of TILE, TILE of STEP).
+            int ci = a / G, c_end = (ci + 1) * G;
             const auto step = [&](const Step& cur, Step& nxt, int ct) {
-                const int ci = ct / G;
+                if (ct >= c_end) ++ci, c_end += G;
                 bool fetched = false;
                 if (ct + STEP < z) {
                     nxt.load(row0 + ct + STEP, ct + STEP, kc, vc, vs, vm, kidx, vidx, mask_row);
-                    if ((ct + STEP) / G != ci) {
+                    if (ct + STEP >= c_end) {
                         fetch_scales(ci + 1);
                         fetched = true;
                     }
                 }
-                if (ci != chunk) enter_chunk(ci, fetched);
+                if (ci != chunk) {
+                    acc.unbias();
+                    enter_chunk(ci, fetched);
+                }
                 process(cur);
             };
             Step A, Bs;
             A.load(row0 + a, a, kc, vc, vs, vm, kidx, vidx, mask_row);
-            fetch_scales(a / G);
+            fetch_scales(ci);
+            acc.template scale_codes<VB>(true);
             for (int ct = a; ct < z; ct += 2 * STEP) {  // two named buffers: no register copies
                 step(A, Bs, ct);
                 if (ct + STEP < z) step(Bs, A, ct + STEP);
             }
+            acc.unbias();
+            acc.template scale_codes<VB>(false);
         }
     }
     {  // window

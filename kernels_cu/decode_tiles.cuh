@@ -32,6 +32,12 @@ struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored i
     __host__ __device__ static constexpr int bytes(bool pat, int mp) { return pat ? HI(mp) + al(DW * mp * NR * 4) : QC; }
 };
 
+// The shift s of the V codes in channel block mb of v_fragments' output: the run's channel n = w E
+// + j (code j of its half) sits in block n % (D/16), and D/16 is a multiple of the 8 / BITS codes
+// of a byte, so every code of block mb sits at bit code_shift(mb) of its byte.
+template <int BITS>
+__host__ __device__ constexpr int v_shift(int mb) { return code_shift<BITS>(mb); }
+
 // First channel of quantized-K pair hp in lane column c: pair (w, j) of the lane's run holds
 // channels (w 2E + j, w 2E + E + j) of it (code_pairs), E = 16 / BITS.
 template <int D, int BITS>
@@ -51,6 +57,7 @@ struct Acc {
     static constexpr float SLACK = HIST ? 1.0f : RESCALE;
     float o[NK][4];  // O^T fragments: (r0, ch), (r1, ch), (r0, ch + D/16), (r1, ch + D/16), ch = g D/8 + mb
     float m[2], l[2], pm[2];  // max (log2 units, warp-uniform), sum of p, sum of p * m_V (lane parts)
+    float vb[4];              // pv_codes: 1024 * sum of the P^T operands since the last unbias (rows r0, r1, r0, r1)
     uint32_t* hist = nullptr;  // HIST: this warp's (mp, NR) sums of p * hscale
     int hp = 0;                // HIST: patterns in it
     float hscale = 2097152.0f; // HIST: fixed-point scale, a power of two <= 2^21 (hist_add)
@@ -60,6 +67,7 @@ struct Acc {
         for (int i = 0; i < NK; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
         m[0] = m[1] = -MINIKV_INF;
         l[0] = l[1] = pm[0] = pm[1] = 0.0f;
+        vb[0] = vb[1] = vb[2] = vb[3] = 0.0f;
     }
 
     // s (N groups; lane: keys 2g, 2g+1 x rows r0, r1, log2-scaled scores) -> probabilities, in
@@ -91,6 +99,7 @@ struct Acc {
                 o[i][1] *= a1, o[i][3] *= a1;
             }
             l[0] *= a0, pm[0] *= a0, l[1] *= a1, pm[1] *= a1;
+            vb[0] *= a0, vb[2] *= a0, vb[1] *= a1, vb[3] *= a1;
             if constexpr (HIST) {  // an empty row (max -inf) has an empty histogram
                 shift_hist(m[0] == -MINIKV_INF ? 0 : (int)(n0 - m[0]), m[1] == -MINIKV_INF ? 0 : (int)(n1 - m[1]));
             }
@@ -160,6 +169,33 @@ struct Acc {
                                movtrans(h2u(__floats2half2_rn(p[2], p[3])))};
 #pragma unroll
         for (int mb = 0; mb < NK; ++mb) mma16816(o[mb], va[mb], b);
+    }
+
+    // The same for biased V codes (v_fragments, code * 2^s + 1024): o accumulates in code units
+    // (between scale_codes(true) and (false)) plus 1024 * sum(P^T), which one more mma against
+    // 1024s sums exactly as the others saw it; unbias takes it off. Saves a fma per code pair.
+    __device__ __forceinline__ void pv_codes(const float* p, const uint32_t (&va)[NK][4]) {
+        const uint32_t b[2] = {movtrans(h2u(__floats2half2_rn(p[0], p[1]))),
+                               movtrans(h2u(__floats2half2_rn(p[2], p[3])))};
+#pragma unroll
+        for (int mb = 0; mb < NK; ++mb) mma16816(o[mb], va[mb], b);
+        const uint32_t ones[4] = {0x64006400u, 0x64006400u, 0x64006400u, 0x64006400u};
+        mma16816(vb, ones, b);
+    }
+    // o -= the bias summed so far. Called every chunk, so the bias never dwarfs the sums (fp32).
+    __device__ __forceinline__ void unbias() {
+#pragma unroll
+        for (int mb = 0; mb < NK; ++mb) o[mb][0] -= vb[0], o[mb][1] -= vb[1], o[mb][2] -= vb[2], o[mb][3] -= vb[3];
+        vb[0] = vb[1] = vb[2] = vb[3] = 0.0f;
+    }
+    // o *= 2^s per channel block (up: into the code units of pv_codes) or 2^-s (back); exact.
+    template <int BITS>
+    __device__ __forceinline__ void scale_codes(bool up) {
+#pragma unroll
+        for (int mb = 0; mb < NK; ++mb) {
+            const float f = up ? (float)(1 << v_shift<BITS>(mb)) : 1.0f / (float)(1 << v_shift<BITS>(mb));
+            o[mb][0] *= f, o[mb][1] *= f, o[mb][2] *= f, o[mb][3] *= f;
+        }
     }
 };
 
@@ -271,7 +307,8 @@ struct FStep {
 };
 
 // V^T A fragments from key pairs (4c, 4c+2) and (4c+1, 4c+3): channel n of the lane's run
-// goes to block n % (D/16), row half n / (D/16).
+// goes to block n % (D/16), row half n / (D/16). Codes come biased, code * 2^s + 1024 with
+// s = v_shift<BITS>(block) (Acc::pv_codes takes both off).
 template <int D, int BITS, int NH>
 __device__ __forceinline__ void v_fragments(uint32_t (&va)[D / 16][4], const uint32_t* a, const uint32_t* b,
                                             const uint32_t* c, const uint32_t* d) {
@@ -288,8 +325,8 @@ __device__ __forceinline__ void v_fragments(uint32_t (&va)[D / 16][4], const uin
 #pragma unroll
             for (int j = 0; j < E; ++j) {
                 const int n = i * E + j;
-                va[n % NK][n / NK] = code_pair<BITS>(x, x8, j);
-                va[n % NK][2 + n / NK] = code_pair<BITS>(y, y8, j);
+                va[n % NK][n / NK] = code_pair_biased<BITS>(x, x8, j);
+                va[n % NK][2 + n / NK] = code_pair_biased<BITS>(y, y8, j);
             }
         }
     }

@@ -3,8 +3,9 @@
 //
 // Codes become fp16 numbers with the "magic exponent" trick: OR-ing a b-bit code, sitting at
 // bit s of a 16-bit half, into 0x6400 (1024.0) gives 1024 + code * 2^s exactly (the mantissa
-// has 10 bits); one fma with (2^-s, -1024 * 2^-s) returns the code, exact. A 32-bit word thus
-// yields half2 pairs (code j of its low half, code j of its high half) in two instructions.
+// has 10 bits), one instruction per half2 pair (code j of a word's low half, code j of its high
+// half). The kernel never takes the bias and the shift off per code: scores fold 2^-s into q and
+// start from -1024 sum(q); P.V sums 1024 sum(p) aside and rescales its sums per channel block.
 #pragma once
 #include "mma.cuh"
 
@@ -20,12 +21,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 __device__ __forceinline__ uint32_t magic(uint32_t x, uint32_t mask) {
     uint32_t r;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(0x64006400u));
-    return r;
-}
-
-__device__ __forceinline__ uint32_t hfma2u(uint32_t a, uint32_t b, uint32_t c) {
-    uint32_t r;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 }
 
@@ -96,25 +91,16 @@ __device__ __forceinline__ uint32_t code_pair_biased(uint32_t x, uint32_t x8, in
     return magic(j < H ? x : x8, m | (m << 16));
 }
 
-// The pair j as exact codes: code_pair_biased, then one fma with (2^-s, -1024 * 2^-s).
-template <int BITS>
-__device__ __forceinline__ uint32_t code_pair(uint32_t x, uint32_t x8, int j) {
-    const int s = code_shift<BITS>(j);
-    const __half sc = __float2half_rn(1.0f / (float)(1 << s)), off = __float2half_rn(-1024.0f / (float)(1 << s));
-    return hfma2u(code_pair_biased<BITS>(x, x8, j), h2u(__halves2half2(sc, sc)), h2u(__halves2half2(off, off)));
-}
-
-// All pairs of NW words: out[w * E + j] = code_pair(words[w], j) (BIASED: code_pair_biased).
-// For a key's run of codes, pair (w, j) holds channels (w * 2E + j, w * 2E + E + j) of the run.
-template <int BITS, int NW, bool BIASED = false>
+// All pairs of NW words: out[w * E + j] = code_pair_biased(words[w], j). For a key's run of
+// codes, pair (w, j) holds channels (w * 2E + j, w * 2E + E + j) of the run.
+template <int BITS, int NW>
 __device__ __forceinline__ void code_pairs(const uint32_t* words, uint32_t* out) {
     constexpr int E = 16 / BITS;
 #pragma unroll
     for (int w = 0; w < NW; ++w) {
         const uint32_t x = words[w], x8 = x >> 8;
 #pragma unroll
-        for (int j = 0; j < E; ++j)
-            out[w * E + j] = BIASED ? code_pair_biased<BITS>(x, x8, j) : code_pair<BITS>(x, x8, j);
+        for (int j = 0; j < E; ++j) out[w * E + j] = code_pair_biased<BITS>(x, x8, j);
     }
 }
 

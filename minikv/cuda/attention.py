@@ -30,10 +30,10 @@ DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4)}
 
 def decode_variant(method: str, kb: int, vb: int) -> tuple[int, int]:
     """(16-key groups each warp loads a step ahead, blocks per SM) of decode.cu's kernel for a
-    method: 4 groups in flight, 2 blocks, unless its registers then spill (ptxas: kivi with 8-bit
-    codes, patternkv with 4-bit K and V, at head_dim 128), which get 2 groups.
+    method: 4 groups in flight, 2 blocks, unless its registers then spill (ptxas, head_dim 128:
+    kivi with 4 + 4 bits or more, patternkv with more than 2 + 2), which get 2 groups.
     tests/test_kernels_compile.py checks that no variant picked here spills."""
-    return (2 if kb + vb > (6 if method == "patternkv" else 8) else 4), 2
+    return (2 if kb + vb > (4 if method == "patternkv" else 6) else 4), 2
 
 
 def decode_smem_bytes(D: int, patterns: bool, mp: int) -> int:
