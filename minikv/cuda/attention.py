@@ -180,7 +180,7 @@ class FusedAttention:
              s.vpat if s.vpat is not None else nh, i32(s.mmax), i32(mp), o_part, ml_part),
             shared_mem=smem)
         out = cp.empty((B, T, H, D), np.float16)
-        self._reduce((B * H * T,), (min(D, 128),),
+        self._reduce((B * H * T, D // 32), (32,),
                      (o_part, ml_part, out, i32(n_split), i32(H), i32(T), i32(D), np.int64(B * H * T)),
                      shared_mem=4 * n_split)
         return out.transpose(0, 2, 1, 3)
