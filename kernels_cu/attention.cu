@@ -324,15 +324,18 @@ __global__ void __launch_bounds__(THREADS) attend(MINIKV_ATTEND_PARAMS) {
 
 // Merge the splits of each (b, h, t) row: out = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m).
 // out (B, T, H, D) fp16, so that the model's (B, T, H*D) view of it needs no copy. One warp per
-// (row, 32 channels), grid (rows, D / 32): one sequence at batch 1 is only H rows, and a block
-// per row left most SMs idle. The splits' weights go to dynamic shared memory (n_split floats),
-// then each lane sums its channel over the splits, many loads in flight (an empty split wrote
-// zeros, and weighs 0).
+// (row, 32 channels), blockDim.y of them per block (1 when there are few: one sequence at batch
+// 1 is only H rows, and a block per row left most SMs idle). A warp's splits' weights go to its
+// dynamic shared memory (n_split floats), then each lane sums its channel over the splits, many
+// loads in flight (an empty split wrote zeros, and weighs 0).
 extern "C" __global__ void attend_reduce(const float* __restrict__ o_part, const float* __restrict__ ml_part,
                                          __half* __restrict__ out, int n_split, int H, int T, int D,
                                          long long BHT) {
-    extern __shared__ float wsh[];  // (n_split) weights e^(m_s - m); 0 for empty splits
-    const long long row = blockIdx.x;  // (b, h, t)
+    extern __shared__ float wsh_all[];  // (blockDim.y, n_split) weights e^(m_s - m); 0 for empty splits
+    const long long item = (long long)blockIdx.x * blockDim.y + threadIdx.y;  // (row, channel block)
+    if (item >= BHT * (D / 32)) return;  // whole warps: no shuffle below loses a lane
+    float* wsh = wsh_all + threadIdx.y * n_split;
+    const long long row = item / (D / 32);  // (b, h, t)
     const int t = row % T, h = (row / T) % H, b = row / ((long long)T * H), lane = threadIdx.x;
     float m = -MINIKV_INF;
     for (int s = lane; s < n_split; s += 32) m = fmaxf(m, ml_part[(s * BHT + row) * 2]);
@@ -346,7 +349,7 @@ extern "C" __global__ void attend_reduce(const float* __restrict__ o_part, const
     }
     for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
     __syncwarp();
-    const int d = blockIdx.y * 32 + lane;
+    const int d = (int)(item % (D / 32)) * 32 + lane;
     const float* src = o_part + row * D + d;
     float acc = 0.0f;
 #pragma unroll 16

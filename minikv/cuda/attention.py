@@ -180,9 +180,11 @@ class FusedAttention:
              s.vpat if s.vpat is not None else nh, i32(s.mmax), i32(mp), o_part, ml_part),
             shared_mem=smem)
         out = cp.empty((B, T, H, D), np.float16)
-        self._reduce((B * H * T, D // 32), (32,),
+        items = B * H * T * (D // 32)  # one warp each; 4 per block once they fill the GPU
+        wpb = 4 if items >= 16 * self.sms else 1
+        self._reduce((-(-items // wpb),), (32, wpb),
                      (o_part, ml_part, out, i32(n_split), i32(H), i32(T), i32(D), np.int64(B * H * T)),
-                     shared_mem=4 * n_split)
+                     shared_mem=4 * n_split * wpb)
         return out.transpose(0, 2, 1, 3)
 
 
