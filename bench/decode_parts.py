@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "kernels_cu" / "decode.cu"
-HIST = ["acc.hist_add(e0 + r0, p[0] * w0), acc.hist_add(e0 + r1, p[1] * w0);",
-        "acc.hist_add(e1 + r0, p[2] * w1), acc.hist_add(e1 + r1, p[3] * w1);"]
+HIST = ["acc.hist_add(e0, p[0], p[1], (uint32_t)((int)(cur.mk << (31 - 2 * gi)) >> 31));",
+        "acc.hist_add(e1, p[2], p[3], (uint32_t)((int)(cur.mk << (30 - 2 * gi)) >> 31));"]
 QC = ["s[gi][0] += c0.x, s[gi][1] += c0.y, s[gi][2] += c1.x, s[gi][3] += c1.y;"]
 TABLES = [("p0 < info.patterns; p0 += DW * 16", "p0 < 0; p0 += DW * 16", 2)]
 VARIANTS = {

@@ -16,11 +16,12 @@
 //
 // Uniform codes (kivi, patternkv) are folded as in attention.cu (KVQUANT.md 3.5): scores use
 // q * s_K (per chunk, times the softmax scale) against raw codes, the accumulator starting at
-// q . m_K (+ q . C_K[a] from a per-block table); P.V uses p * s_V against raw codes plus sum p m_V.
+// q . m_K (+ q . C_K[a] from a per-block table); P.V uses p * s_V against the biased codes (code *
+// 2^s + 1024: Acc::pv_codes) plus sum p m_V.
 // PatternKV's V patterns add sum_t p_t C_V[a_t] (where the V mask is set) as sum_a H[a] C_V[a]:
 // each warp sums p per (pattern, row) into a fixed-point histogram with native shared-memory
-// integer atomics (float ones are compare-and-swap loops); the block merges its warps' histograms
-// and adds H C_V with one mma per 16 patterns at the end (KVQUANT.md 3.5). Gathering pattern rows
+// integer atomics (float ones are compare-and-swap loops); at the end the block adds H C_V with
+// one mma per 16 patterns, H merged from the warps' histograms (KVQUANT.md 3.5). Gathering pattern rows
 // per key instead costs ~110 instructions and ~80 registers per 16 keys, and 64 KB of rows per kv
 // head at 256 patterns does not stay in L1.
 //
