@@ -356,3 +356,13 @@ extern "C" __global__ void attend_reduce(const float* __restrict__ o_part, const
     for (int s = 0; s < n_split; ++s) acc += src[s * BHT * D] * wsh[s];
     out[(((long long)b * T + t) * H + h) * D + d] = __float2half_rn(l > 0.0f ? acc / l : 0.0f);
 }
+
+#ifdef MINIKV_INSTANTIATE_ALL  // the CI compile check builds every variant the wrappers can ask for
+#define INST(D, M, KB, VB, R) void* inst_##D##_##M##_##KB##_##VB##_##R = (void*)&attend<D, M, KB, VB, R>;
+#define INST_D(M, KB, VB) INST(64, M, KB, VB, 16) INST(64, M, KB, VB, 64) INST(128, M, KB, VB, 16) INST(128, M, KB, VB, 64)
+INST_D(DENSE, 16, 16)
+INST_D(KIVI, 2, 2) INST_D(KIVI, 3, 3) INST_D(KIVI, 4, 4) INST_D(KIVI, 8, 8) INST_D(KIVI, 16, 16) INST_D(KIVI, 2, 4)
+INST_D(NQKV_TOKEN, 2, 2) INST_D(NQKV_TOKEN, 3, 3) INST_D(NQKV_TOKEN, 4, 4)
+INST_D(NQKV_CHANNEL, 2, 2) INST_D(NQKV_CHANNEL, 3, 3) INST_D(NQKV_CHANNEL, 4, 4)
+INST_D(PATTERN, 2, 2) INST_D(PATTERN, 3, 3) INST_D(PATTERN, 4, 4)
+#endif

@@ -14,6 +14,7 @@ import pytest
 KERNELS = Path(__file__).resolve().parent.parent / "kernels_cu"
 SOURCES = sorted(KERNELS.glob("*.cu"))
 ARCHS = ["sm_80", "sm_86", "sm_89", "sm_90"]
+KERNEL_DEF = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)")
 
 
 def test_there_are_sources():
@@ -33,6 +34,12 @@ def test_compiles(src, arch, tmp_path):
                         str(src), "-o", str(tmp_path / "out.ptx")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning" not in r.stderr.lower(), r.stderr[-3000:]
+    # a template never instantiated is never compiled: every kernel the file defines must be in the PTX
+    ptx = (tmp_path / "out.ptx").read_text()
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
+    missing = [k for k in KERNEL_DEF.findall(src.read_text())
+               if not any(e == k or re.match(rf"_Z\d+{k}I", e) for e in entries)]
+    assert not missing, f"not compiled (no instantiation under MINIKV_INSTANTIATE_ALL?): {missing}"
 
 
 def test_decode_variants_do_not_spill(tmp_path):
