@@ -164,21 +164,21 @@ struct Acc {
 
     // O^T += V^T P^T for one group: p = (key 2g: r0, r1; key 2g+1: r0, r1) already times the V
     // scales; va[mb] = V^T's A fragments of channel block mb.
-    __device__ __forceinline__ void pv(const float* p, const uint32_t (&va)[NK][4]) {
+    // Returns P^T's operand fragments (fp16).
+    __device__ __forceinline__ uint2 pv(const float* p, const uint32_t (&va)[NK][4]) {
         const uint32_t b[2] = {movtrans(h2u(__floats2half2_rn(p[0], p[1]))),
                                movtrans(h2u(__floats2half2_rn(p[2], p[3])))};
 #pragma unroll
         for (int mb = 0; mb < NK; ++mb) mma16816(o[mb], va[mb], b);
+        return make_uint2(b[0], b[1]);
     }
 
     // The same for biased V codes (v_fragments, code * 2^s + 1024): o accumulates in code units
     // (between scale_codes(true) and (false)) plus 1024 * sum(P^T), which one more mma against
     // 1024s sums exactly as the others saw it; unbias takes it off. Saves a fma per code pair.
     __device__ __forceinline__ void pv_codes(const float* p, const uint32_t (&va)[NK][4]) {
-        const uint32_t b[2] = {movtrans(h2u(__floats2half2_rn(p[0], p[1]))),
-                               movtrans(h2u(__floats2half2_rn(p[2], p[3])))};
-#pragma unroll
-        for (int mb = 0; mb < NK; ++mb) mma16816(o[mb], va[mb], b);
+        const uint2 pb = pv(p, va);
+        const uint32_t b[2] = {pb.x, pb.y};
         const uint32_t ones[4] = {0x64006400u, 0x64006400u, 0x64006400u, 0x64006400u};
         mma16816(vb, ones, b);
     }
