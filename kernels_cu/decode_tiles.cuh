@@ -20,14 +20,16 @@ constexpr int QSS = D / 4 + 2;
 template <int D>
 struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored in cuda/attention.py
     __host__ __device__ static constexpr int al(int x) { return (x + 127) / 128 * 128; }
+    static constexpr int LDM = D + 4;                           // floats per row of MO (padded: fewer bank conflicts)
     static constexpr int QF = 0;                                // (NR, D) fp16 q, channel order
     static constexpr int QQ = QF + al(NR * D * 2);              // (NR, 4, D/8) half2 q, quantized-K pair order
     static constexpr int QS = QQ + al(NR * D * 2);              // (NR, 4, QSS) float: q * scale * log2(e) * 2^-shift, pair order
     static constexpr int SC = QS + al(NR * 4 * QSS<D> * 4);     // (DW, 2, 2, D) fp16: two chunks' K scales, mins
-    static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, D) float: the warps' outputs
-    // (DW, 4, NR) float: max, sum, sum p m_V, factor; (NR) row max; (NR) block sum; (DW) 1 / histogram scale
-    static constexpr int MS = MO + al(DW * NR * D * 4);
-    static constexpr int QC = MS + al(((DW * 4 + 2) * NR + DW) * 4);  // patternkv: (mp, NR) q . C_K, log2-scaled
+    static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, LDM) float: the warps' outputs
+    // (3, DW, NR) float: the warps' max, sum, sum p m_V; (DW) histogram scales; (NR) merged sum p m_V / sum;
+    // (1) int: this block merges the splits
+    static constexpr int MS = MO + al(DW * NR * LDM * 4);
+    static constexpr int QC = MS + al((3 * DW * NR + DW + NR + 1) * 4);  // patternkv: (mp, NR) q . C_K, log2-scaled
     __host__ __device__ static constexpr int HI(int mp) { return QC + al(NR * mp * 4); }   // patternkv: (DW, mp, NR) uint32 sums of p
     __host__ __device__ static constexpr int bytes(bool pat, int mp) { return pat ? HI(mp) + al(DW * mp * NR * 4) : QC; }
 };
@@ -282,6 +284,14 @@ struct QStep {
     // byte i of kx / vx (i a compile-time constant after unrolling), in one prmt
     __device__ __forceinline__ static uint32_t byte(const Raw<S>& r, int i) { return prmt(r.w[i / 4], 0u, 0x4440u | (i % 4)); }
 };
+
+// Rows [k_lo, k_hi) of D halves, `stride` halves apart, into L2 (the warp's lanes share the lines).
+template <int D>
+__device__ __forceinline__ void prefetch_rows_l2(const __half* p, long long stride, int k_lo, int k_hi) {
+    constexpr int LINES = D * 2 / 128;  // 128-byte lines per row
+    for (int i = (threadIdx.x & 31); i < (k_hi - k_lo) * LINES; i += 32)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (k_lo + i / LINES) * stride + (i % LINES) * 64));
+}
 
 // One group of 16 fp16 keys (sinks, window, this step's keys, the dense cache).
 template <int D>

@@ -1,6 +1,7 @@
 """The fused attention kernels: one launch over every segment of a cache (sinks | quantized
-chunks | window | this step), split across thread blocks along the keys, then one launch
-merging the splits. Steps with at most 8 query rows per kv head (decode) whose codes are 2, 4
+chunks | window | this step), split across thread blocks along the keys; the splits are merged
+by a second launch (attend_reduce), or, in the decode kernel, by the last block of each kv head
+to finish. Steps with at most 8 query rows per kv head (decode) whose codes are 2, 4
 or 8 bits run kernels_cu/decode.cu (register-resident tiles); everything else (prefill, chunked
 scoring, 3-bit and nqkv codes) runs kernels_cu/attention.cu (shared-memory tiles)."""
 from __future__ import annotations
@@ -37,10 +38,11 @@ def decode_variant(method: str, kb: int, vb: int) -> tuple[int, int]:
 
 
 def decode_smem_bytes(D: int, patterns: bool, mp: int) -> int:
-    """Shared memory of attend_decode<D, ...>: mirrors DLayout<D>::bytes in decode.cu."""
+    """Shared memory of attend_decode<D, ...>: mirrors DLayout<D>::bytes in decode_tiles.cuh."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
-    W, R = DECODE_WARPS, DECODE_ROWS
-    qc = 2 * al(R * D * 2) + al(R * 4 * (D // 4 + 2) * 4) + al(W * 4 * D * 2) + al(W * R * D * 4) + al(((W * 4 + 2) * R + W) * 4)
+    W, R, ldm = DECODE_WARPS, DECODE_ROWS, D + 4
+    qc = (2 * al(R * D * 2) + al(R * 4 * (D // 4 + 2) * 4) + al(W * 4 * D * 2) + al(W * R * ldm * 4)
+          + al((3 * W * R + W + R + 1) * 4))
     return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc
 
 
@@ -100,6 +102,7 @@ class FusedAttention:
         self.keys_per_pattern = self.KEYS_PER_PATTERN if keys_per_pattern is None else keys_per_pattern
         self.min_keys = self.MIN_KEYS
         self._reduce = kernel("attention", "attend_reduce")
+        self._counters = cp.zeros(0, np.int32)  # decode: blocks finished per kv head (decode_merge.cuh)
         self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
 
     def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int):
@@ -141,6 +144,8 @@ class FusedAttention:
         if self.decode and g * T <= DECODE_ROWS and s.kbits in ok_bits and s.vbits in ok_bits:
             rows, smem, threads = 0, decode_smem_bytes(D, s.method == "patternkv", mp), DECODE_WARPS * 32
             row_tiles, min_tiles = 1, 2 * DECODE_WARPS  # >= 2 tiles (128 keys) per warp
+            if q.data.ptr % 16 or any(x % 16 for x in q.strides[:3]):
+                q = q.copy()  # a fresh, aligned buffer: the kernel reads q 8 halves at a time
         else:
             rows = 16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64
             smem, threads = smem_bytes(D, rows, mp), THREADS
@@ -163,6 +168,12 @@ class FusedAttention:
         nb, nh, nf = self._null_b, self._null_h, self._null_f
         o_part = cp.empty((n_split, B, H, T, D), np.float32)
         ml_part = cp.empty((n_split, B, H, T, 2), np.float32)
+        out = cp.empty((B, T, H, D), np.float16)
+        extra = ()
+        if rows == 0:  # the decode kernel merges its splits itself: the last block of a kv head
+            if self._counters.size < B * Hkv:
+                self._counters = cp.zeros(B * Hkv, np.int32)  # each launch leaves them zero again
+            extra = (out, self._counters)
         e = 2  # bytes per fp16 element: CuPy strides are in bytes
         kern(
             (n_split, Hkv * row_tiles, B), (threads,),
@@ -177,9 +188,10 @@ class FusedAttention:
              s.levels_k if s.levels_k is not None else nf, s.levels_v if s.levels_v is not None else nf,
              s.kidx if s.kidx is not None else nb, s.vidx if s.vidx is not None else nb,
              s.vmask if s.vmask is not None else nb, s.kpat if s.kpat is not None else nh,
-             s.vpat if s.vpat is not None else nh, i32(s.mmax), i32(mp), o_part, ml_part),
+             s.vpat if s.vpat is not None else nh, i32(s.mmax), i32(mp), o_part, ml_part, *extra),
             shared_mem=smem)
-        out = cp.empty((B, T, H, D), np.float16)
+        if rows == 0:
+            return out.transpose(0, 2, 1, 3)
         items = B * H * T * (D // 32)  # one warp each; 4 per block once they fill the GPU
         wpb = 4 if items >= 16 * self.sms else 1
         self._reduce((-(-items // wpb),), (32, wpb),
