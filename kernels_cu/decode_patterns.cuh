@@ -11,23 +11,32 @@ namespace minikv {
 
 constexpr int PT = 256 / 16 / DW;  // pattern tiles per warp
 
+// Rows first + j of each of this warp's pattern tiles (patterns (warp + i DW) 16 ...) from pat
+// (rows of D halves), the lane's run from half col; rows past n are zeros, not garbage (a weight
+// of 0 times NaN is NaN). Every split block of a kv head reads them: cached loads.
+template <int BYTES, int J>
+__device__ __forceinline__ void load_tiles(Raw<BYTES> (&r)[PT][J], const __half* pat, int n, int D, int first, int col) {
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < PT; ++i) {
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            const int p = (warp + i * DW) * 16 + first + j;
+            if (p < n) r[i][j].load_cached(pat + (long long)p * D + col);
+            else r[i][j].zero();
+        }
+    }
+}
+
 // This warp's K pattern rows as score A operands (FStep::k's layout: rows 2g, 2g + 1 of a tile,
-// channels [c D/4, (c+1) D/4)). Every split block of a kv head reads them: cached loads.
+// channels [c D/4, (c+1) D/4)).
 template <int D>
 struct KPatterns {
     Raw<D / 2> k[PT][2];
 
     __device__ __forceinline__ void load(const __half* pat, int n) {  // pat: (mmax, D), n rows in use
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int i = 0; i < PT; ++i) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int p = (warp + i * DW) * 16 + 2 * g + j;
-                if (p < n) k[i][j].load_cached(pat + (long long)p * D + c * (D / 4));
-                else k[i][j].zero();
-            }
-        }
+        const int lane = threadIdx.x & 31;
+        load_tiles(k, pat, n, D, 2 * (lane >> 2), (lane & 3) * (D / 4));
     }
 
     // qc (mp, NR) = (q . C_K[p]) * sl2 for this warp's tiles; bf: q as the scores' B fragments.
@@ -53,16 +62,8 @@ struct VPatterns {
     Raw<D / 4> v[PT][4];
 
     __device__ __forceinline__ void load(const __half* pat, int n) {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int i = 0; i < PT; ++i) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int p = (warp + i * DW) * 16 + 4 * c + j;
-                if (p < n) v[i][j].load_cached(pat + (long long)p * D + g * (D / 8));
-                else v[i][j].zero();  // zeros, not garbage: a weight of 0 times NaN is NaN
-            }
-        }
+        const int lane = threadIdx.x & 31;
+        load_tiles(v, pat, n, D, 4 * (lane & 3), (lane >> 2) * (D / 8));
     }
 
     // o (normalised, Acc::o's layout) += C_V^T W^T over this warp's tiles, W[p][row] = sum over
