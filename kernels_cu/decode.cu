@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
             const int r = r0 + i;
             pmn[r] = pt[i];
             if (r < nrows) {  // the split merge works in log2 units
-                const long long row = ((long long)b * H + h * g + r % g) * T + r / g;
+                const long long row = part_row(b, h, g, H, T, r);
                 *reinterpret_cast<float2*>(ml_part + (blockIdx.x * BHT + row) * 2) = make_float2(mx[i], lt[i]);
             }
         }
@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
             const float4 x = *reinterpret_cast<const float4*>(mo + (w * NR + r) * LDM + d);
             o.x += x.x, o.y += x.y, o.z += x.z, o.w += x.w;
         }
-        const long long row = ((long long)b * H + h * g + r % g) * T + r / g;
+        const long long row = part_row(b, h, g, H, T, r);
         *reinterpret_cast<float4*>(o_part + (blockIdx.x * BHT + row) * D + d) = o;
     }
     if (last_arrival(counters + bh, gridDim.x, flag))

@@ -6,6 +6,11 @@
 
 namespace minikv {
 
+// The (b, h', t) row, in (B, H, T) order, of query row r of kv head h's tile: r = t g + j, h' = h g + j.
+__device__ __forceinline__ long long part_row(int b, int h, int g, int H, int T, int r) {
+    return ((long long)b * H + h * g + r % g) * T + r / g;
+}
+
 // Acc::o's fragments (rows r0 = 2c, r1 = 2c + 1; channel g D/8 + mb and + D/16) as rows of a
 // (NR, LDM) float block: a lane's channels of a row are D/8 contiguous floats, stored as float4s.
 template <int D>
@@ -55,7 +60,7 @@ __device__ __forceinline__ void merge_splits(const float* o_part, const float* m
     constexpr int U = 8;
     for (int i = threadIdx.x; i < nrows * D / 4; i += DW * 32) {
         const int r = i / (D / 4), d = (i % (D / 4)) * 4;
-        const long long row = ((long long)b * H + h * g + r % g) * T + r / g;
+        const long long row = part_row(b, h, g, H, T, r);
         const float4* src = reinterpret_cast<const float4*>(o_part + row * D + d);
         const float2* ml = reinterpret_cast<const float2*>(ml_part) + row;
         float m = -MINIKV_INF, l = 0.0f;
