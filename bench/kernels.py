@@ -87,13 +87,13 @@ def graph_time(cp, fn, reps=50) -> float:
     return cp.cuda.get_elapsed_time(e0, e1) / 1e3 / reps
 
 
-def attention_row(spec, B, ctx, backend, groups=None, min_blocks=None, patterns=None, keys_per_pattern=None,
+def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None, keys_per_pattern=None,
                   min_keys=None):
     """(step seconds, kernel seconds, bytes) of one decode step's attention over ctx tokens."""
     cp = backend.xp
     cache = filled_cache(spec, B, ctx, backend, patterns)
     if cache.fused is not None:
-        cache.fused.groups, cache.fused.min_blocks = groups, min_blocks
+        cache.fused.groups, cache.fused.warps = groups, warps
         if keys_per_pattern is not None:
             cache.fused.keys_per_pattern = keys_per_pattern
         if min_keys is not None:
@@ -193,8 +193,8 @@ def main():
     ap.add_argument("--breakdown", nargs="*", default=[], help="kv specs whose prefill cost to break down")
     ap.add_argument("--groups", type=int, default=None,
                     help="16-key groups a decode-kernel warp loads ahead (default: the runtime's choice)")
-    ap.add_argument("--min-blocks", type=int, default=None,
-                    help="blocks per SM the decode kernel's registers allow, 2 or 3 (default: the runtime's)")
+    ap.add_argument("--warps", type=int, default=None, choices=(4, 8),
+                    help="warps per block of the decode kernel (default: the runtime's, 8 where shared memory allows)")
     ap.add_argument("--patterns", type=int, default=None,
                     help="patternkv's pattern count (default: m + one per chunk, up to mmax, as in use)")
     ap.add_argument("--keys-per-pattern", type=int, default=None,
@@ -215,7 +215,7 @@ def main():
         for ctx in args.ctx:
             base = None
             for spec in args.kv:
-                t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups, args.min_blocks, args.patterns,
+                t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups, args.warps, args.patterns,
                                                        args.keys_per_pattern, args.min_keys)
                 gbs = nbytes / t / 1e9
                 base = t if spec == "fp16" else base

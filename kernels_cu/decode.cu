@@ -34,13 +34,14 @@
 
 using namespace minikv;
 
-// MINB: blocks per SM the registers must allow (ptxas otherwise takes up to 255 per thread).
+// DW: warps per block, 4 or 8; the registers must allow 8 warps per SM (ptxas otherwise takes
+// up to 255 per thread, which a block of 8 warps already reaches).
 // out (B, T, H, D) fp16; counters (B * Hkv) zeros, one per kv head: its blocks count themselves
 // there, and the last one merges the splits' parts (o_part, ml_part) into out.
-template <int D, int METHOD, int KB, int VB, int NG, int MINB>
-__global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PARAMS, __half* __restrict__ out,
+template <int D, int METHOD, int KB, int VB, int NG, int DW>
+__global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_PARAMS, __half* __restrict__ out,
                                                                int* __restrict__ counters) {
-    using L = DLayout<D>;
+    using L = DLayout<D, DW>;
     constexpr bool QUANT = METHOD != DENSE, PAT = METHOD == PATTERN;
     constexpr int NK = D / 16, NT = DW * 32, LDM = L::LDM;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -106,7 +107,7 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
     using Step = QStep<D, KB, VB, PAT, NG>;
     Step A, Bs;
     int ci = qa / G, c_end = (ci + 1) * G;
-    KPatterns<D> kpats;
+    KPatterns<D, DW> kpats;
     if constexpr (PAT) kpats.load(kpat + bh * mmax * D, info.patterns);
 
     if (tid < NR * D / 8) reinterpret_cast<uint4*>(Qf)[tid] = qv;
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
     // Merge the block's warps. Each lane gets its rows' block max and sum from the warps' (m, l),
     // scales its output by 2^(m_w - m) / l (plus, patternkv, its tiles of H C_V), and the block
     // sums the warps' outputs: this split's part, normalised (the split merge weighs it by l).
-    VPatterns<D> vpats;
+    VPatterns<D, DW> vpats;
     if constexpr (PAT) vpats.load(vpat + bh * mmax * D, info.patterns);  // in flight during the merge
 #pragma unroll
     for (int x = 4; x < 32; x <<= 1) {
@@ -330,14 +331,14 @@ __global__ void __launch_bounds__(DW * 32, MINB) attend_decode(MINIKV_ATTEND_PAR
         *reinterpret_cast<float4*>(o_part + (blockIdx.x * BHT + row) * D + d) = o;
     }
     if (last_arrival(counters + bh, gridDim.x, flag))
-        merge_splits<D>(o_part, ml_part, out, gridDim.x, BHT, b, h, g, H, T, nrows);
+        merge_splits<D, DW>(o_part, ml_part, out, gridDim.x, BHT, b, h, g, H, T, nrows);
 }
 
 #ifdef MINIKV_INSTANTIATE_ALL  // the CI compile check builds every variant the wrappers can ask for
-#define DINST(D, M, KB, VB, NG, MB) \
-    void* dinst_##D##_##M##_##KB##_##VB##_##NG##_##MB = (void*)&attend_decode<D, M, KB, VB, NG, MB>;
-#define DINST_G(M, KB, VB, NG) DINST(64, M, KB, VB, NG, 2) DINST(128, M, KB, VB, NG, 2) \
-    DINST(64, M, KB, VB, NG, 3) DINST(128, M, KB, VB, NG, 3)
+#define DINST(D, M, KB, VB, NG, DW) \
+    void* dinst_##D##_##M##_##KB##_##VB##_##NG##_##DW = (void*)&attend_decode<D, M, KB, VB, NG, DW>;
+#define DINST_G(M, KB, VB, NG) DINST(64, M, KB, VB, NG, 4) DINST(128, M, KB, VB, NG, 4) \
+    DINST(64, M, KB, VB, NG, 8) DINST(128, M, KB, VB, NG, 8)
 #define DINST_D(M, KB, VB) DINST_G(M, KB, VB, 2) DINST_G(M, KB, VB, 4)
 DINST_D(DENSE, 16, 16)
 DINST_D(KIVI, 2, 2) DINST_D(KIVI, 4, 4) DINST_D(KIVI, 8, 8) DINST_D(KIVI, 2, 4) DINST_D(KIVI, 4, 2)

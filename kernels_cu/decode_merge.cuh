@@ -15,7 +15,7 @@ __device__ __forceinline__ long long part_row(int b, int h, int g, int H, int T,
 // (NR, LDM) float block: a lane's channels of a row are D/8 contiguous floats, stored as float4s.
 template <int D>
 __device__ __forceinline__ void store_rows(float* dst, const float (&o)[D / 16][4]) {
-    constexpr int NK = D / 16, LDM = DLayout<D>::LDM;
+    constexpr int NK = D / 16, LDM = MO_LD<D>;
     const int lane = threadIdx.x & 31, g = lane >> 2, r0 = 2 * (lane & 3);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {  // row r0 + i: fragment entries i (channels < D/16 of the run) and 2 + i
@@ -54,7 +54,7 @@ __device__ __forceinline__ bool last_arrival(int* counter, int n, int* flag /* s
 // sum_s W_s, W_s = 2^(m_s - m) l_s. Each thread merges its 4 channels of a row online (rescaled
 // when the max grows), the loads of 8 splits at a time in flight: one round trip to L2 per 8
 // splits, not a max pass, a weight pass and a sum pass. __ldcg: other blocks wrote the parts.
-template <int D>
+template <int D, int DW>
 __device__ __forceinline__ void merge_splits(const float* o_part, const float* ml_part, __half* out, int n,
                                              long long BHT, int b, int h, int g, int H, int T, int nrows) {
     constexpr int U = 8;

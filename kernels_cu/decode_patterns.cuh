@@ -9,16 +9,17 @@
 
 namespace minikv {
 
-constexpr int PT = 256 / 16 / DW;  // pattern tiles per warp
+template <int DW>
+constexpr int PT = 256 / 16 / DW;  // pattern tiles per warp (DW warps per block)
 
 // Rows first + j of each of this warp's pattern tiles (patterns (warp + i DW) 16 ...) from pat
 // (rows of D halves), the lane's run from half col; rows past n are zeros, not garbage (a weight
 // of 0 times NaN is NaN). Every split block of a kv head reads them: cached loads.
-template <int BYTES, int J>
-__device__ __forceinline__ void load_tiles(Raw<BYTES> (&r)[PT][J], const __half* pat, int n, int D, int first, int col) {
+template <int DW, int BYTES, int J>
+__device__ __forceinline__ void load_tiles(Raw<BYTES> (&r)[PT<DW>][J], const __half* pat, int n, int D, int first, int col) {
     const int warp = threadIdx.x >> 5;
 #pragma unroll
-    for (int i = 0; i < PT; ++i) {
+    for (int i = 0; i < PT<DW>; ++i) {
 #pragma unroll
         for (int j = 0; j < J; ++j) {
             const int p = (warp + i * DW) * 16 + first + j;
@@ -30,20 +31,20 @@ __device__ __forceinline__ void load_tiles(Raw<BYTES> (&r)[PT][J], const __half*
 
 // This warp's K pattern rows as score A operands (FStep::k's layout: rows 2g, 2g + 1 of a tile,
 // channels [c D/4, (c+1) D/4)).
-template <int D>
+template <int D, int DW>
 struct KPatterns {
-    Raw<D / 2> k[PT][2];
+    Raw<D / 2> k[PT<DW>][2];
 
     __device__ __forceinline__ void load(const __half* pat, int n) {  // pat: (mmax, D), n rows in use
         const int lane = threadIdx.x & 31;
-        load_tiles(k, pat, n, D, 2 * (lane >> 2), (lane & 3) * (D / 4));
+        load_tiles<DW>(k, pat, n, D, 2 * (lane >> 2), (lane & 3) * (D / 4));
     }
 
     // qc (mp, NR) = (q . C_K[p]) * sl2 for this warp's tiles; bf: q as the scores' B fragments.
     __device__ __forceinline__ void table(float* qc, const uint32_t (&bf)[D / 16][2], float sl2, int n) const {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, r0 = 2 * (lane & 3);
 #pragma unroll
-        for (int i = 0; i < PT; ++i) {
+        for (int i = 0; i < PT<DW>; ++i) {
             const int p0 = (warp + i * DW) * 16;
             if (p0 < n) {  // warp-uniform
                 float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -57,13 +58,13 @@ struct KPatterns {
 
 // This warp's V pattern rows as P.V A operands: a tile is a group of 16 keys, rows 4c..4c+3,
 // channels [g D/8, (g+1) D/8) (FStep::v's layout).
-template <int D>
+template <int D, int DW>
 struct VPatterns {
-    Raw<D / 4> v[PT][4];
+    Raw<D / 4> v[PT<DW>][4];
 
     __device__ __forceinline__ void load(const __half* pat, int n) {
         const int lane = threadIdx.x & 31;
-        load_tiles(v, pat, n, D, 4 * (lane & 3), (lane >> 2) * (D / 8));
+        load_tiles<DW>(v, pat, n, D, 4 * (lane & 3), (lane >> 2) * (D / 8));
     }
 
     // o (normalised, Acc::o's layout) += C_V^T W^T over this warp's tiles, W[p][row] = sum over
@@ -74,7 +75,7 @@ struct VPatterns {
         constexpr int NK = D / 16;
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, r0 = 2 * (lane & 3);
 #pragma unroll
-        for (int i = 0; i < PT; ++i) {
+        for (int i = 0; i < PT<DW>; ++i) {
             const int p0 = (warp + i * DW) * 16;
             if (p0 >= n) continue;  // warp-uniform
             float w[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // patterns p0 + 2g, +1 x rows r0, r1

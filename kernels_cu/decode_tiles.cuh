@@ -7,7 +7,6 @@
 
 namespace minikv {
 
-constexpr int DW = 4;             // warps per block
 constexpr int NR = 8;             // query rows per kv head (the mma's N)
 constexpr float RESCALE = 8.0f;   // log2 growth of a row's max that forces a rescale
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
@@ -18,9 +17,14 @@ template <int D>
 constexpr int QSS = D / 4 + 2;
 
 template <int D>
+constexpr int MO_LD = D + 4;  // floats per row of the warps' outputs in shared memory (padded: fewer bank conflicts)
+
+// DW warps per block: 4 (2 blocks per SM) or 8 (1 block per SM, half the blocks, so half the
+// pattern-table reads and the splits to merge; patternkv's histograms then need ~125 KB).
+template <int D, int DW>
 struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored in cuda/attention.py
     __host__ __device__ static constexpr int al(int x) { return (x + 127) / 128 * 128; }
-    static constexpr int LDM = D + 4;                           // floats per row of MO (padded: fewer bank conflicts)
+    static constexpr int LDM = MO_LD<D>;
     static constexpr int QF = 0;                                // (NR, D) fp16 q, channel order
     static constexpr int QQ = QF + al(NR * D * 2);              // (NR, 4, D/8) half2 q, quantized-K pair order
     static constexpr int QS = QQ + al(NR * D * 2);              // (NR, 4, QSS) float: q * scale * log2(e) * 2^-shift, pair order

@@ -110,36 +110,39 @@ def test_fused_attention_matches_exact(spec, D, H, Hkv, step):
 
 @pytest.mark.parametrize("spec", DECODE_SPECS)
 @pytest.mark.parametrize("D,H,Hkv,step", [(128, 32, 8, 1), (64, 9, 3, 2), (128, 4, 4, 8), (64, 8, 1, 1)])
-@pytest.mark.parametrize("decode", [True, False])
-def test_decode_steps_both_kernels(spec, D, H, Hkv, step, decode):
-    """Decode-shaped steps through decode.cu and, forced, through attention.cu; keys whose
-    scores keep growing along the sequence make decode.cu's lazy softmax rescale mid-stream."""
+@pytest.mark.parametrize("decode,warps", [(True, 8), (True, 4), (False, None)])
+def test_decode_steps_both_kernels(spec, D, H, Hkv, step, decode, warps):
+    """Decode-shaped steps through decode.cu (blocks of 8 and of 4 warps) and, forced, through
+    attention.cu; keys whose scores keep growing along the sequence make decode.cu's lazy
+    softmax rescale mid-stream."""
     from minikv.cuda.attention import FusedAttention
 
     cache, q, k, v = build(spec, 2, H, Hkv, D, [1500, 611], step, seed=D + step, growth=4.0)
-    cache.fused = FusedAttention(get_backend("cuda").xp, D, decode=decode)
+    cache.fused = FusedAttention(get_backend("cuda").xp, D, decode=decode, warps=warps)
     got = getattr(cache, "_attend", cache.attend)(0, q).get().astype(np.float64)
     want = exact(cache, q, k, v)
     err = np.abs(got - want).max() / np.abs(want).max()
-    print(f"{spec} D={D} H={H}/{Hkv} step={step} decode={decode}: rel err {err:.1e}")
+    print(f"{spec} D={D} H={H}/{Hkv} step={step} decode={decode} warps={warps}: rel err {err:.1e}")
     assert np.isfinite(got).all() and err < 4e-3
 
 
 @pytest.mark.parametrize("spec,growth", [("kivi:2", 1.0), ("patternkv:2", 1.0), ("patternkv:2", 6.0)])
-def test_fused_attention_long_context_many_splits(spec, growth):
+@pytest.mark.parametrize("warps", [None, 4])
+def test_fused_attention_long_context_many_splits(spec, growth, warps):
     """20K keys in one sequence, split over many blocks, and the reduction of the splits;
     patternkv with ~190 patterns (one per decoded chunk) summed per pattern in fixed point, and
-    (growth) scores that keep rising, so each warp rescales its histogram many times."""
+    (growth) scores that keep rising, so each warp rescales its histogram many times. Blocks of
+    the runtime's choice of warps (8 where shared memory allows) and of 4."""
     from minikv.cuda.attention import FusedAttention
 
     cache, q, k, v = build(spec, 1, 32, 8, 128, [20000], 1, seed=7, growth=growth)
     if spec.startswith("patternkv"):
         assert int(cache.count[0].max()) > 150
-    cache.fused = FusedAttention(get_backend("cuda").xp, 128)
+    cache.fused = FusedAttention(get_backend("cuda").xp, 128, warps=warps)
     got = cache._attend(0, q).get().astype(np.float64)
     want = exact(cache, q, k, v)
     err = np.abs(got - want).max() / np.abs(want).max()
-    print(f"{spec} growth={growth}: rel err {err:.1e}")
+    print(f"{spec} growth={growth} warps={warps}: rel err {err:.1e}")
     assert np.isfinite(got).all() and err < 4e-3
 
 

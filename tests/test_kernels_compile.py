@@ -43,24 +43,25 @@ def test_compiles(src, arch, tmp_path):
 
 
 def test_decode_variants_do_not_spill(tmp_path):
-    """Every decode kernel variant the wrapper picks (decode_variant) keeps its state in registers
-    on sm_90: a spill would put local-memory traffic on every key of the hot loop."""
+    """Every decode kernel variant the wrapper picks (decode_variant, either block size) keeps its
+    state in registers on sm_90: a spill would put local-memory traffic on every key of the hot loop."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         if os.environ.get("CI") == "true":
             pytest.fail("nvcc is not on PATH in CI")
         pytest.skip("nvcc is not installed")
-    from minikv.cuda.attention import DECODE_BITS, METHODS, decode_variant
+    from minikv.cuda.attention import DECODE_BITS, DECODE_WARPS, METHODS, decode_variant
 
     lines, names = ['#include "decode.cu"'], []
     for method, bits in DECODE_BITS.items():
         for kb in bits:
             for vb in bits:
-                ng, mb = decode_variant(method, kb, vb)
+                ng = decode_variant(method, kb, vb)
                 for D in (64, 128):
-                    args = (D, METHODS[method], kb, vb, ng, mb)
-                    lines.append(f"void* v{len(names)} = (void*)&attend_decode<{', '.join(map(str, args))}>;")
-                    names.append(args)
+                    for warps in DECODE_WARPS:
+                        args = (D, METHODS[method], kb, vb, ng, warps)
+                        lines.append(f"void* v{len(names)} = (void*)&attend_decode<{', '.join(map(str, args))}>;")
+                        names.append(args)
     src = tmp_path / "variants.cu"
     src.write_text("\n".join(lines) + "\n")
     r = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-std=c++17", f"-I{KERNELS}", "-Xptxas", "-v", str(src),
@@ -79,3 +80,24 @@ def test_decode_variants_do_not_spill(tmp_path):
     assert set(spills) == set(names), r.stderr[-3000:]
     bad = {n: s for n, s in spills.items() if " 0 bytes spill stores" not in " " + s}
     assert not bad, bad
+
+
+def test_decode_smem_bytes_mirrors_the_kernel_layout(tmp_path):
+    """cuda/attention.py sizes the decode kernel's shared memory (decode_smem_bytes) by mirroring
+    DLayout in decode_tiles.cuh: a host program built from the header prints the kernel's sizes."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("nvcc is not on PATH in CI")
+        pytest.skip("nvcc is not installed")
+    from minikv.cuda.attention import DECODE_WARPS, decode_smem_bytes
+
+    cases = [(D, w, pat, mp) for D in (64, 128) for w in DECODE_WARPS for pat in (0, 1) for mp in (64, 256)]
+    body = "".join(f'    printf("%d\\n", minikv::DLayout<{D}, {w}>::bytes({pat}, {mp}));\n' for D, w, pat, mp in cases)
+    src = tmp_path / "layout.cu"
+    src.write_text(f'#include <cstdio>\n#include "decode_tiles.cuh"\nint main() {{\n{body}    return 0;\n}}\n')
+    exe = tmp_path / "layout"
+    r = subprocess.run([nvcc, "-std=c++17", f"-I{KERNELS}", str(src), "-o", str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
+    assert got == [decode_smem_bytes(D, bool(pat), mp, w) for D, w, pat, mp in cases]

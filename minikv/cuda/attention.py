@@ -25,22 +25,22 @@ def smem_bytes(D: int, rows: int, mmax: int = 0) -> int:
             + al(rows * 5 * 4) + al((2 * D + 32) * 4) + al(TILE * 5 * 4) + 2 * al(rows * mp * 4))
 
 
-DECODE_WARPS, DECODE_ROWS = 4, 8
+DECODE_WARPS, DECODE_ROWS = (8, 4), 8  # warps per block of the decode kernel (preferred first), query rows
 DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4)}
 
 
-def decode_variant(method: str, kb: int, vb: int) -> tuple[int, int]:
-    """(16-key groups each warp loads a step ahead, blocks per SM) of decode.cu's kernel for a
-    method: 4 groups in flight, 2 blocks, unless its registers then spill (ptxas, head_dim 128:
-    kivi with 4 + 4 bits or more, patternkv with more than 2 + 2), which get 2 groups.
-    tests/test_kernels_compile.py checks that no variant picked here spills."""
-    return (2 if kb + vb > (4 if method == "patternkv" else 6) else 4), 2
+def decode_variant(method: str, kb: int, vb: int) -> int:
+    """16-key groups each warp of decode.cu's kernel loads a step ahead for a method: 4, unless
+    its registers then spill (ptxas, head_dim 128: kivi with 4 + 4 bits or more, patternkv with
+    more than 2 + 2), which get 2. tests/test_kernels_compile.py checks that no variant picked
+    here spills, with either block size."""
+    return 2 if kb + vb > (4 if method == "patternkv" else 6) else 4
 
 
-def decode_smem_bytes(D: int, patterns: bool, mp: int) -> int:
-    """Shared memory of attend_decode<D, ...>: mirrors DLayout<D>::bytes in decode_tiles.cuh."""
+def decode_smem_bytes(D: int, patterns: bool, mp: int, warps: int) -> int:
+    """Shared memory of attend_decode<D, ..., warps>: mirrors DLayout<D, DW>::bytes in decode_tiles.cuh."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
-    W, R, ldm = DECODE_WARPS, DECODE_ROWS, D + 4
+    W, R, ldm = warps, DECODE_ROWS, D + 4
     qc = (2 * al(R * D * 2) + al(R * 4 * (D // 4 + 2) * 4) + al(W * 4 * D * 2) + al(W * R * ldm * 4)
           + al((3 * W * R + W + R + 1) * 4))
     return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc
@@ -74,9 +74,9 @@ class Storage:
 class FusedAttention:
     """decode: route steps of <= 8 query rows per kv head to the register-tile kernel where the
     method allows (False: always the shared-memory-tile kernel; tests compare both).
-    groups: 16-key groups each warp of the decode kernel loads a step ahead, min_blocks: blocks
-    per SM its registers must allow, 2 (ptxas's choice, up to 255 per thread) or 3 (None: as
-    decode_variant picks). keys_per_pattern: the
+    groups: 16-key groups each warp of the decode kernel loads a step ahead (None: as
+    decode_variant picks), warps: its warps per block, 8 or 4 (None: 8 where the shared memory
+    allows, which at batch 1 runs 6-15% faster on an H100). keys_per_pattern: the
     fewest keys a block takes per pattern of its tables (patternkv: every block reads both
     pattern tables from L2, so short splits would read more table than cache). min_keys: the
     fewest keys a block takes (a block's prologue and its share of the merge are fixed costs)."""
@@ -85,7 +85,7 @@ class FusedAttention:
     MIN_KEYS = 0
 
     def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None,
-                 min_blocks: int | None = None, keys_per_pattern: int | None = None):
+                 warps: int | None = None, keys_per_pattern: int | None = None):
         if head_dim not in (64, 128):
             raise ValueError(f"the fused attention kernel takes head_dim 64 or 128, not {head_dim}")
         self.cp, self.D = cp, head_dim
@@ -98,23 +98,22 @@ class FusedAttention:
         self._null_b = cp.zeros(8, np.uint8)
         self._null_f = cp.zeros(16, np.float32)
         self._kernels: dict = {}
-        self.decode, self.groups, self.min_blocks = decode, groups, min_blocks
+        if warps not in (None, *DECODE_WARPS):
+            raise ValueError(f"the decode kernel takes {DECODE_WARPS} warps per block, not {warps}")
+        self.decode, self.groups, self.warps = decode, groups, warps
         self.keys_per_pattern = self.KEYS_PER_PATTERN if keys_per_pattern is None else keys_per_pattern
         self.min_keys = self.MIN_KEYS
         self._reduce = kernel("attention", "attend_reduce")
         self._counters = cp.zeros(0, np.int32)  # decode: blocks finished per kv head (decode_merge.cuh)
         self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
 
-    def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int):
-        """rows: 16 or 64 (attention.cu's row tile), 0 for decode.cu's kernel."""
-        key = (method, kb, vb, rows, self.groups, self.min_blocks)
+    def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int, warps: int = 0):
+        """rows: 16 or 64 (attention.cu's row tile), 0 for decode.cu's kernel (warps per block)."""
+        key = (method, kb, vb, rows, self.groups, warps)
         if key not in self._kernels:
             m = METHODS[method]
-            ng, mb = decode_variant(method, kb, vb)
-            ng, mb = self.groups or ng, self.min_blocks or mb
-            if mb not in (2, 3):
-                raise ValueError(f"min_blocks must be 2 or 3, not {mb}")
-            self._kernels[key] = (kernel("decode", f"attend_decode<{self.D}, {m}, {kb}, {vb}, {ng}, {mb}>") if rows == 0
+            ng = self.groups or decode_variant(method, kb, vb)
+            self._kernels[key] = (kernel("decode", f"attend_decode<{self.D}, {m}, {kb}, {vb}, {ng}, {warps}>") if rows == 0
                                   else kernel("attention", f"attend<{self.D}, {m}, {kb}, {vb}, {rows}>"))
         k = self._kernels[key]
         if k.max_dynamic_shared_size_bytes < smem:
@@ -142,17 +141,20 @@ class FusedAttention:
         mp = -(-int(np.max(rowinfo[:, 5])) // 64) * 64 if s.method == "patternkv" else 0
         ok_bits = DECODE_BITS.get(s.method, ())
         if self.decode and g * T <= DECODE_ROWS and s.kbits in ok_bits and s.vbits in ok_bits:
-            rows, smem, threads = 0, decode_smem_bytes(D, s.method == "patternkv", mp), DECODE_WARPS * 32
-            row_tiles, min_tiles = 1, 2 * DECODE_WARPS  # >= 2 tiles (128 keys) per warp
+            pat = s.method == "patternkv"
+            warps = self.warps or next((w for w in DECODE_WARPS if decode_smem_bytes(D, pat, mp, w) <= self.smem_max),
+                                       DECODE_WARPS[-1])
+            rows, smem, threads = 0, decode_smem_bytes(D, pat, mp, warps), warps * 32
+            row_tiles, min_tiles = 1, 2 * warps  # >= 2 tiles (128 keys) per warp
             if q.data.ptr % 16 or any(x % 16 for x in q.strides[:3]):
                 q = q.copy()  # a fresh, aligned buffer: the kernel reads q 8 halves at a time
         else:
-            rows = 16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64
+            rows, warps = (16 if g * T <= 16 or smem_bytes(D, 64, mp) > self.smem_max else 64), 0
             smem, threads = smem_bytes(D, rows, mp), THREADS
             row_tiles, min_tiles = -(-g * T // rows), 4  # >= 4 tiles per block amortise the merge
         min_tiles = max(min_tiles, -(-mp * self.keys_per_pattern // 64), -(-self.min_keys // 64))
         blocks = B * Hkv * row_tiles
-        kern = self._kernel(s.method, s.kbits, s.vbits, rows, smem)
+        kern = self._kernel(s.method, s.kbits, s.vbits, rows, smem, warps)
         # Split the keys so that all blocks run in one wave (a partial second wave can cost up
         # to half the time).
         per_sm = min(self.smem_sm // (smem + 1024), self.regs_sm // (kern.num_regs * threads), 16)
