@@ -46,7 +46,6 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     constexpr int NK = D / 16, NT = DW * 32, LDM = L::LDM;
     extern __shared__ __align__(128) unsigned char smem[];
     __half* Qf = reinterpret_cast<__half*>(smem + L::QF);
-    uint32_t* Qq = reinterpret_cast<uint32_t*>(smem + L::QQ);
     float* Qs = reinterpret_cast<float*>(smem + L::QS);
     __half* sc = reinterpret_cast<__half*>(smem + L::SC);
     float* mo = reinterpret_cast<float*>(smem + L::MO);
@@ -119,7 +118,6 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
         for (int i = tid; i < NR * D / 2; i += NT) {
             const int r = i / (D / 2), c = (i / (D / 8)) % 4, hp = i % (D / 8), lo_ = k_pair_lo<D, KB>(c, hp);
             const __half a = Qf[r * D + lo_], z = Qf[r * D + lo_ + 16 / KB];
-            Qq[i] = h2u(__halves2half2(a, z));
             const float f = sl2 / (float)(1 << code_shift<KB>(hp % (16 / KB)));
             *reinterpret_cast<float2*>(Qs + (i / (D / 8)) * QSS<D> + 2 * hp) = make_float2(__half2float(a) * f, __half2float(z) * f);
         }

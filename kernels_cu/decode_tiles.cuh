@@ -26,8 +26,7 @@ struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored i
     __host__ __device__ static constexpr int al(int x) { return (x + 127) / 128 * 128; }
     static constexpr int LDM = MO_LD<D>;
     static constexpr int QF = 0;                                // (NR, D) fp16 q, channel order
-    static constexpr int QQ = QF + al(NR * D * 2);              // (NR, 4, D/8) half2 q, quantized-K pair order
-    static constexpr int QS = QQ + al(NR * D * 2);              // (NR, 4, QSS) float: q * scale * log2(e) * 2^-shift, pair order
+    static constexpr int QS = QF + al(NR * D * 2);              // (NR, 4, QSS) float: q * scale * log2(e) * 2^-shift, pair order
     static constexpr int SC = QS + al(NR * 4 * QSS<D> * 4);     // (DW, 2, 2, D) fp16: two chunks' K scales, mins
     static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, LDM) float: the warps' outputs
     // (3, DW, NR) float: the warps' max, sum, sum p m_V; (DW) histogram scales; (NR) merged sum p m_V / sum;
@@ -67,6 +66,7 @@ struct Acc {
     uint32_t* hist = nullptr;  // HIST: this warp's (mp, NR) sums of p * hscale
     int hp = 0;                // HIST: patterns in it
     float hscale = 2097152.0f; // HIST: fixed-point scale, a power of two <= 2^21 (hist_add)
+    float hbound;               // HIST: >= every row's sum of p (warp total), or inf (hist_guard)
 
     __device__ __forceinline__ void init() {
 #pragma unroll
@@ -74,6 +74,7 @@ struct Acc {
         m[0] = m[1] = -MINIKV_INF;
         l[0] = l[1] = pm[0] = pm[1] = 0.0f;
         vb[0] = vb[1] = vb[2] = vb[3] = 0.0f;
+        hbound = MINIKV_INF;
     }
 
     // s (N groups; lane: keys 2g, 2g+1 x rows r0, r1, log2-scaled scores) -> probabilities, in
@@ -140,8 +141,14 @@ struct Acc {
 
     // Before a chunk of at most n keys: an entry holds at most (its row's sum of p + n * 2^SLACK)
     // * hscale (+ rounding); halve the scale until that stays below 2^31. One key's rounding
-    // error is 0.5 / hscale, so relative to the row's sum it stays near 2^-32 per key.
+    // error is 0.5 / hscale, so relative to the row's sum it stays near 2^-32 per key. The rows'
+    // sums are reduced over the warp only when hbound, their bound grown by n 2^SLACK a chunk,
+    // no longer clears the limit (rescales only shrink them): the same shifts, fewer shuffles.
     __device__ __forceinline__ void hist_guard(int n) {
+        if ((hbound + n * 2.0f) * hscale < 2147483648.0f) {  // warp-uniform
+            hbound += n * 2.0f;
+            return;
+        }
         float s0 = l[0], s1 = l[1];
 #pragma unroll
         for (int x = 4; x < 32; x <<= 1) {
@@ -157,6 +164,7 @@ struct Acc {
             shift_hist(k, k);
             hscale = ldexpf(hscale, -k);
         }
+        hbound = mx + n * 2.0f;
     }
 
     // Entries (e, e + 1) += round(p0 * hscale), round(p1 * hscale), masked by keep (all ones or

@@ -41,7 +41,7 @@ def decode_smem_bytes(D: int, patterns: bool, mp: int, warps: int) -> int:
     """Shared memory of attend_decode<D, ..., warps>: mirrors DLayout<D, DW>::bytes in decode_tiles.cuh."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
     W, R, ldm = warps, DECODE_ROWS, D + 4
-    qc = (2 * al(R * D * 2) + al(R * 4 * (D // 4 + 2) * 4) + al(W * 4 * D * 2) + al(W * R * ldm * 4)
+    qc = (al(R * D * 2) + al(R * 4 * (D // 4 + 2) * 4) + al(W * 4 * D * 2) + al(W * R * ldm * 4)
           + al((3 * W * R + W + R + 1) * 4))
     return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc
 
