@@ -145,8 +145,10 @@ struct Acc {
     // sums are reduced over the warp only when hbound, their bound grown by n 2^SLACK a chunk,
     // no longer clears the limit (rescales only shrink them): the same shifts, fewer shuffles.
     __device__ __forceinline__ void hist_guard(int n) {
-        if ((hbound + n * 2.0f) * hscale < 2147483648.0f) {  // warp-uniform
-            hbound += n * 2.0f;
+        constexpr float LIMIT = 2147483648.0f;  // 2^31
+        const float grow = n * 2.0f;            // 2 = 2^SLACK
+        if ((hbound + grow) * hscale < LIMIT) {  // warp-uniform
+            hbound += grow;
             return;
         }
         float s0 = l[0], s1 = l[1];
@@ -158,13 +160,13 @@ struct Acc {
         float mx = fmaxf(s0, s1);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float need = (mx + n * 2.0f) * hscale;  // 2 = 2^SLACK
-        if (need >= 2147483648.0f) {  // warp-uniform
-            const int k = (int)ceilf(log2f(need / 2147483648.0f)) + 1;
+        const float need = (mx + grow) * hscale;
+        if (need >= LIMIT) {  // warp-uniform
+            const int k = (int)ceilf(log2f(need / LIMIT)) + 1;
             shift_hist(k, k);
             hscale = ldexpf(hscale, -k);
         }
-        hbound = mx + n * 2.0f;
+        hbound = mx + grow;
     }
 
     // Entries (e, e + 1) += round(p0 * hscale), round(p1 * hscale), masked by keep (all ones or
