@@ -15,9 +15,10 @@
 // per-key scales and pattern indices are one contiguous run, one vector load each.
 //
 // Uniform codes (kivi, patternkv) are folded as in attention.cu (KVQUANT.md 3.5): scores use
-// q * s_K (per chunk, times the softmax scale) against raw codes, the accumulator starting at
-// q . m_K (+ q . C_K[a] from a per-block table); P.V uses p * s_V against the biased codes (code *
-// 2^s + 1024: Acc::pv_codes) plus sum p m_V.
+// q * s_K (per chunk, times the softmax scale) against biased codes (code * 2^s + 1024), the
+// accumulators starting at patternkv's q . C_K[a] (a per-block table); the chunk's q . m_K, less
+// the codes' bias, is a row's offset that the softmax adds (chunk_operands). P.V uses p * s_V
+// against the biased codes (Acc::pv_codes) plus sum p m_V.
 // PatternKV's V patterns add sum_t p_t C_V[a_t] (where the V mask is set) as sum_a H[a] C_V[a]:
 // each warp sums p per (pattern, row) into a fixed-point histogram with native shared-memory
 // integer atomics (float ones are compare-and-swap loops); at the end the block adds H C_V with
@@ -45,8 +46,8 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     constexpr bool QUANT = METHOD != DENSE, PAT = METHOD == PATTERN;
     constexpr int NK = D / 16, NT = DW * 32, LDM = L::LDM;
     extern __shared__ __align__(128) unsigned char smem[];
-    __half* Qf = reinterpret_cast<__half*>(smem + L::QF);
-    float* Qs = reinterpret_cast<float*>(smem + L::QS);
+    uint32_t* Qn = reinterpret_cast<uint32_t*>(smem + L::QN);
+    uint32_t* Qh = reinterpret_cast<uint32_t*>(smem + L::QH);
     __half* sc = reinterpret_cast<__half*>(smem + L::SC);
     float* mo = reinterpret_cast<float*>(smem + L::MO);
     float* ms = reinterpret_cast<float*>(smem + L::MS);
@@ -109,22 +110,28 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     KPatterns<D, DW> kpats;
     if constexpr (PAT) kpats.load(kpat + bh * mmax * D, info.patterns);
 
-    if (tid < NR * D / 8) reinterpret_cast<uint4*>(Qf)[tid] = qv;
+    if (tid < NR * D / 8) {  // words [4 p, 4 p + 4) of row qr: all in one lane's run (D/8 words)
+        const int x = (qi % (D / 8)) * 4;
+        *reinterpret_cast<uint4*>(Qn + (qr * 4 + x / (D / 8)) * QW<D> + x % (D / 8)) = qv;
+    }
     if constexpr (PAT) {
         for (int i = tid; i < DW * mp * NR / 4; i += NT) reinterpret_cast<uint4*>(hist)[i] = make_uint4(0u, 0u, 0u, 0u);
     }
     __syncthreads();
     if constexpr (QUANT) {
-        for (int i = tid; i < NR * D / 2; i += NT) {
+        const __half* qn = reinterpret_cast<const __half*>(Qn);
+        const auto q_at = [&](int r, int ch) {  // channel ch of row r in the lanes' layout
+            return __half2float(qn[((r * 4 + ch / (D / 4)) * QW<D> + (ch % (D / 4)) / 2) * 2 + (ch & 1)]);
+        };
+        for (int i = tid; i < NR * D / 2; i += NT) {  // pair hp of lane (r, c)
             const int r = i / (D / 2), c = (i / (D / 8)) % 4, hp = i % (D / 8), lo_ = k_pair_lo<D, KB>(c, hp);
-            const __half a = Qf[r * D + lo_], z = Qf[r * D + lo_ + 16 / KB];
             const float f = sl2 / (float)(1 << code_shift<KB>(hp % (16 / KB)));
-            *reinterpret_cast<float2*>(Qs + (i / (D / 8)) * QSS<D> + 2 * hp) = make_float2(__half2float(a) * f, __half2float(z) * f);
+            Qh[(i / (D / 8)) * QW<D> + hp] = h2u(__floats2half2_rn(q_at(r, lo_) * f, q_at(r, lo_ + 16 / KB) * f));
         }
     }
     if constexpr (PAT) {  // q . C_K for every K pattern (log2-scaled)
         uint32_t bf[NK][2];
-        q_fragments<D>(bf, Qf);
+        q_fragments<D>(bf, Qn);
         kpats.table(qc, bf, sl2, info.patterns);
     }
     __syncthreads();
@@ -140,7 +147,7 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     const auto dense = [&](const __half* kp, const __half* vp, long long stride, int n, int k_lo, int k_hi,
                            bool causal) {
         uint32_t bf[NK][2];
-        q_fragments<D>(bf, Qf);
+        q_fragments<D>(bf, Qn);
         const int t0 = min(r0 / g, info.step - 1), t1 = min(r1 / g, info.step - 1);
         FStep<D> cur, nxt;
         cur.load(kp, vp, stride, k_lo, n);
@@ -167,18 +174,16 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     if (sk_a < sk_z) dense(sink_k + sink_off, sink_v + sink_off, D, info.sinks, sk_a, sk_z, false);
     if constexpr (QUANT) if (qa < qz) {  // quantized chunks, NG groups of 16 keys per step
         uint32_t bk[NK][2];    // q * s_K * scale * log2(e), as the scores' B fragments
-        float qm0 = 0.0f, qm1 = 0.0f;  // (q . m_K) * scale * log2(e), rows r0, r1
+        float qm0 = 0.0f, qm1 = 0.0f;  // the scores' offsets (chunk_operands), rows r0, r1
         int chunk = -1;
         const auto enter_chunk = [&](int ci_, bool fetched) {
             if (fetched) cp_async_wait<1>();  // the next chunk's fetch may still be in flight
             else cp_async_wait<0>();
             __syncwarp();
-            float qm = chunk_operands<D, KB>(bk, sc + (warp * 2 + (ci_ & 1)) * 2 * D, Qs + (gq * 4 + cq) * QSS<D>);
+            const float2 qm = chunk_operands<D, KB>(bk, sc + (warp * 2 + (ci_ & 1)) * 2 * D, Qh + lane * QW<D>,
+                                                    Qn + lane * QW<D>, sl2);
             __syncwarp();  // the buffer is refilled two chunks later
-            qm += __shfl_xor_sync(0xffffffffu, qm, 1);
-            qm += __shfl_xor_sync(0xffffffffu, qm, 2);
-            qm0 = __shfl_sync(0xffffffffu, qm, 8 * cq);  // row r lives in lanes 4r..4r+3
-            qm1 = __shfl_sync(0xffffffffu, qm, 8 * cq + 4);
+            qm0 = qm.x, qm1 = qm.y;
             chunk = ci_;
             if constexpr (PAT) acc.hist_guard(G);
         };
@@ -189,12 +194,11 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
                 uint32_t k0[D / 8], k1[D / 8];
                 code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][0].w, k0);
                 code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][1].w, k1);
-                s[gi][0] = s[gi][2] = qm0;  // the accumulators start at the affine part
-                s[gi][1] = s[gi][3] = qm1;
+                s[gi][0] = s[gi][1] = s[gi][2] = s[gi][3] = 0.0f;  // patternkv: q . C_K[a] of the keys
                 if constexpr (PAT) {
                     const float2 c0 = *reinterpret_cast<const float2*>(qc + Step::byte(cur.kx, 2 * gi) * NR + r0);
                     const float2 c1 = *reinterpret_cast<const float2*>(qc + Step::byte(cur.kx, 2 * gi + 1) * NR + r0);
-                    s[gi][0] += c0.x, s[gi][1] += c0.y, s[gi][2] += c1.x, s[gi][3] += c1.y;
+                    s[gi][0] = c0.x, s[gi][1] = c0.y, s[gi][2] = c1.x, s[gi][3] = c1.y;
                 }
 #pragma unroll
                 for (int kk = 0; kk < NK; ++kk) {
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
                     mma16816(s[gi], af, bk[kk]);
                 }
             }
-            acc.template probs<false>(s);
+            acc.template probs<false>(s, qm0, qm1);
 #pragma unroll
             for (int gi = 0; gi < NG; ++gi) {
                 const float2 sv = __half22float2(u2h(cur.vs.w[gi])), mv = __half22float2(u2h(cur.vm.w[gi]));
@@ -339,6 +343,6 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     DINST(64, M, KB, VB, NG, 8) DINST(128, M, KB, VB, NG, 8)
 #define DINST_D(M, KB, VB) DINST_G(M, KB, VB, 2) DINST_G(M, KB, VB, 4)
 DINST_D(DENSE, 16, 16)
-DINST_D(KIVI, 2, 2) DINST_D(KIVI, 4, 4) DINST_D(KIVI, 8, 8) DINST_D(KIVI, 2, 4) DINST_D(KIVI, 4, 2)
+DINST_D(KIVI, 2, 2) DINST_D(KIVI, 4, 4) DINST_D(KIVI, 8, 8) DINST_G(KIVI, 8, 8, 1) DINST_D(KIVI, 2, 4) DINST_D(KIVI, 4, 2)
 DINST_D(PATTERN, 2, 2) DINST_D(PATTERN, 4, 4) DINST_D(PATTERN, 2, 4)
 #endif

@@ -11,10 +11,10 @@ constexpr int NR = 8;             // query rows per kv head (the mma's N)
 constexpr float RESCALE = 8.0f;   // log2 growth of a row's max that forces a rescale
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
-// Floats per (row, lane column) of the pair-ordered scaled q: D/4, padded by 2 so that a warp's
-// 32 lanes, each reading a float2 of its own (row, column), hit different banks.
+// Words per lane of the lanes' copies of q (lane g*4 + c: row g, channels [c D/4, (c+1) D/4)),
+// D/8 padded by 4 so that a warp reading 16 bytes a lane hits every bank once per quarter.
 template <int D>
-constexpr int QSS = D / 4 + 2;
+constexpr int QW = D / 8 + 4;
 
 template <int D>
 constexpr int MO_LD = D + 4;  // floats per row of the warps' outputs in shared memory (padded: fewer bank conflicts)
@@ -25,9 +25,9 @@ template <int D, int DW>
 struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored in cuda/attention.py
     __host__ __device__ static constexpr int al(int x) { return (x + 127) / 128 * 128; }
     static constexpr int LDM = MO_LD<D>;
-    static constexpr int QF = 0;                                // (NR, D) fp16 q, channel order
-    static constexpr int QS = QF + al(NR * D * 2);              // (NR, 4, QSS) float: q * scale * log2(e) * 2^-shift, pair order
-    static constexpr int SC = QS + al(NR * 4 * QSS<D> * 4);     // (DW, 2, 2, D) fp16: two chunks' K scales, mins
+    static constexpr int QN = 0;                                // (32, QW) half2: q by lane, channel order
+    static constexpr int QH = QN + al(32 * QW<D> * 4);          // (32, QW) half2: q * scale * log2(e) * 2^-shift, pair order
+    static constexpr int SC = QH + al(32 * QW<D> * 4);          // (DW, 2, 2, D) fp16: two chunks' K scales, mins
     static constexpr int MO = SC + al(DW * 4 * D * 2);          // (DW, NR, LDM) float: the warps' outputs
     // (3, DW, NR) float: the warps' max, sum, sum p m_V; (DW) histogram scales; (NR) merged sum p m_V / sum;
     // (1) int: this block merges the splits
@@ -77,16 +77,18 @@ struct Acc {
         hbound = MINIKV_INF;
     }
 
-    // s (N groups; lane: keys 2g, 2g+1 x rows r0, r1, log2-scaled scores) -> probabilities, in
-    // place. MASKED: some scores may be -inf (else all are finite, and the first call sets m).
+    // s (N groups; lane: keys 2g, 2g+1 x rows r0, r1, log2-scaled scores less a row's offset
+    // o0 / o1) -> probabilities, in place. MASKED: some scores may be -inf (else all are finite,
+    // and the first call sets m). The offsets (a chunk's q . m_K) cost an add per row, not per key.
     template <bool MASKED, int N>
-    __device__ __forceinline__ void probs(float (&s)[N][4]) {
+    __device__ __forceinline__ void probs(float (&s)[N][4], float o0 = 0.0f, float o1 = 0.0f) {
         float mx0 = -MINIKV_INF, mx1 = -MINIKV_INF;
 #pragma unroll
         for (int q = 0; q < N; ++q) {
             mx0 = fmaxf(mx0, fmaxf(s[q][0], s[q][2]));
             mx1 = fmaxf(mx1, fmaxf(s[q][1], s[q][3]));
         }
+        mx0 += o0, mx1 += o1;
         if (__any_sync(0xffffffffu, mx0 > m[0] + SLACK || mx1 > m[1] + SLACK)) {
 #pragma unroll
             for (int x = 4; x < 32; x <<= 1) {
@@ -112,11 +114,12 @@ struct Acc {
             }
             m[0] = n0, m[1] = n1;
         }
+        const float b0 = m[0] - o0, b1 = m[1] - o1;
 #pragma unroll
         for (int q = 0; q < N; ++q) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const float e = ex2(s[q][j] - m[j & 1]);  // ex2(-inf) = 0, but -inf - -inf is NaN
+                const float e = ex2(s[q][j] - ((j & 1) ? b1 : b0));  // ex2(-inf) = 0, but -inf - -inf is NaN
                 s[q][j] = MASKED && s[q][j] == -MINIKV_INF ? 0.0f : e;
             }
         }
@@ -215,46 +218,56 @@ struct Acc {
     }
 };
 
+// N words (a multiple of 4) from shared memory, 16-byte aligned, in 16-byte loads.
+template <int N>
+__device__ __forceinline__ void load_words(uint32_t* w, const uint32_t* p) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) *reinterpret_cast<uint4*>(w + i) = *reinterpret_cast<const uint4*>(p + i);
+}
+
 // A chunk's score operands for lane (g, c): bk = the B fragments (quantized-K pair order) of row
-// g's q times the chunk's K scales; returns row g's share, over the lane's channels, of the
-// accumulators' start value. sm: the chunk's K scales then mins, (2, D) fp16 in shared memory;
-// qs: row g's pair-ordered q * scale * log2(e) * 2^-shift for this lane's column (QSS floats).
+// g's q times the chunk's K scales; returns the scores' offsets for rows r0 = 2c, r1 = 2c + 1.
+// sm: the chunk's K scales then mins, (2, D) fp16 in shared memory; qh, qn: the lane's words of
+// the pair-ordered q * scale * log2(e) * 2^-shift and of q (QW each).
+// Keys arrive as code * 2^shift + 1024 (code_pair_biased): B = qh * s_K, one fp16 product per
+// pair. The scores are then off by (q . m_K) * scale * log2(e) - 1024 * sum(B) (the rounded B);
+// both sums are mmas whose 16 "keys" are all m_K, or all 1024, so the tensor cores sum the
+// channels across the quad as the scores' mmas see them, and their results land in the lanes of
+// the rows they belong to. Acc::probs adds them, off the scores' dependency chains.
 template <int D, int KB>
-__device__ __forceinline__ float chunk_operands(uint32_t (&bk)[D / 16][2], const __half* sm, const float* qs) {
-    constexpr int NK = D / 16;
-    // This lane's run of channels [c D/4, (c+1) D/4) of the K scales and mins (fp16), in
-    // blocks of E words: pair hp = wb E + j of the run is halves (j, E + j) of block wb.
-    // Keys arrive as code * 2^shift + 1024 (code_pair_biased): B = q * s_K * scale * log2(e)
-    // * 2^-shift (Qs holds q times all but s_K, in float), rounded to fp16 once. The
-    // accumulators start at (q . m_K) * scale * log2(e) - 1024 * sum(B) (the rounded B):
-    // this is the lane's share of row g's (the caller sums the quad).
-    constexpr int E = 16 / KB;
+__device__ __forceinline__ float2 chunk_operands(uint32_t (&bk)[D / 16][2], const __half* sm, const uint32_t* qh,
+                                                 const uint32_t* qn, float sl2) {
+    constexpr int NK = D / 16, E = 16 / KB;
+    // the lane's run of channels [c D/4, (c+1) D/4) of the K scales and mins: pair hp = wb E + j
+    // of the run is halves (j, E + j) of block wb of E words
     const uint32_t* s_ = reinterpret_cast<const uint32_t*>(sm) + (threadIdx.x & 3) * (D / 8);
-    const uint32_t* m_ = s_ + D / 2;
-    float qm = 0.0f, off0 = 0.0f, off1 = 0.0f;
+    // in units of U words (U pairs, whole blocks): fewer registers live than the whole run (ptxas
+    // otherwise spills some variants)
+    constexpr int U = E > 4 ? E : 4;
 #pragma unroll
-    for (int wb = 0; wb < D / 8 / E; ++wb) {
-        uint32_t sw[E], mw[E];
+    for (int u = 0; u < D / 8; u += U) {
+        uint32_t x[U], y[U];
+        load_words<U>(x, s_ + u);
+        load_words<U>(y, qh + u);
 #pragma unroll
-        for (int i = 0; i < E; i += 2) {
-            const uint2 x = reinterpret_cast<const uint2*>(s_ + wb * E)[i / 2];
-            const uint2 y = reinterpret_cast<const uint2*>(m_ + wb * E)[i / 2];
-            sw[i] = x.x, sw[i + 1] = x.y, mw[i] = y.x, mw[i + 1] = y.y;
-        }
-#pragma unroll
-        for (int j = 0; j < E; ++j) {
-            const int hp = wb * E + j;
-            const float2 qf = *reinterpret_cast<const float2*>(qs + 2 * hp);
-            const float2 sf = __half22float2(__halves2half2(half_of(sw, j), half_of(sw, E + j)));
-            const float2 mf = __half22float2(__halves2half2(half_of(mw, j), half_of(mw, E + j)));
-            const __half2 b2 = __floats2half2_rn(qf.x * sf.x, qf.y * sf.y);
-            bk[hp % NK][hp / NK] = h2u(b2);
-            const float2 bf2 = __half22float2(b2);
-            off0 += bf2.x, off1 += bf2.y;
-            qm += (qf.x * mf.x + qf.y * mf.y) * (float)(1 << code_shift<KB>(j % (16 / KB)));
+        for (int i = 0; i < U; ++i) {
+            const int hp = u + i, j = i % E, wb = i / E;
+            const uint32_t sp = h2u(__halves2half2(half_of(x + wb * E, j), half_of(x + wb * E, E + j)));
+            bk[hp % NK][hp / NK] = h2u(__hmul2(u2h(y[i]), u2h(sp)));
         }
     }
-    return qm - 1024.0f * (off0 + off1);
+    float qm[4] = {0.0f, 0.0f, 0.0f, 0.0f}, bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const uint32_t k1024[4] = {0x64006400u, 0x64006400u, 0x64006400u, 0x64006400u};
+    uint32_t x[D / 8], y[D / 8];  // the lane's runs of the mins and of q
+    load_words<D / 8>(x, s_ + D / 2);
+    load_words<D / 8>(y, qn);
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {  // q_fragments' channel order: pair kk of the run, then NK + kk
+        const uint32_t am[4] = {x[kk], x[kk], x[NK + kk], x[NK + kk]}, bq[2] = {y[kk], y[NK + kk]};
+        mma16816(qm, am, bq);
+        mma16816(bias, k1024, bk[kk]);
+    }
+    return make_float2(qm[0] * sl2 - bias[0], qm[1] * sl2 - bias[1]);
 }
 
 // NG groups of 16 quantized keys, as this lane loads them (a step ahead of their use). The
@@ -356,12 +369,12 @@ __device__ __forceinline__ void v_fragments(uint32_t (&va)[D / 16][4], const uin
     }
 }
 
-// The lane's fragments of fp16 q rows (channel order) as the scores' B operand.
+// The lane's fragments of fp16 q rows (channel order) as the scores' B operand; qn: the lanes'
+// words of q, (32, QW).
 template <int D>
-__device__ __forceinline__ void q_fragments(uint32_t (&bf)[D / 16][2], const __half* Qf) {
+__device__ __forceinline__ void q_fragments(uint32_t (&bf)[D / 16][2], const uint32_t* qn) {
     constexpr int NK = D / 16;
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(Qf) + g * (D / 2) + c * (D / 8);
+    const uint32_t* w = qn + (threadIdx.x & 31) * QW<D>;
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) bf[kk][0] = w[kk], bf[kk][1] = w[NK + kk];
 }

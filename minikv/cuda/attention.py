@@ -32,16 +32,18 @@ DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4)}
 def decode_variant(method: str, kb: int, vb: int) -> int:
     """16-key groups each warp of decode.cu's kernel loads a step ahead for a method: 4, unless
     its registers then spill (ptxas, head_dim 128: kivi with 4 + 4 bits or more, patternkv with
-    more than 2 + 2), which get 2. tests/test_kernels_compile.py checks that no variant picked
-    here spills, with either block size."""
-    return 2 if kb + vb > (4 if method == "patternkv" else 6) else 4
+    more than 2 + 2), which get 2, and kivi with 8 + 8 bits 1. tests/test_kernels_compile.py
+    checks that no variant picked here spills, with either block size."""
+    if kb + vb <= (4 if method == "patternkv" else 6):
+        return 4
+    return 2 if kb + vb < 16 else 1
 
 
 def decode_smem_bytes(D: int, patterns: bool, mp: int, warps: int) -> int:
     """Shared memory of attend_decode<D, ..., warps>: mirrors DLayout<D, DW>::bytes in decode_tiles.cuh."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
     W, R, ldm = warps, DECODE_ROWS, D + 4
-    qc = (al(R * D * 2) + al(R * 4 * (D // 4 + 2) * 4) + al(W * 4 * D * 2) + al(W * R * ldm * 4)
+    qc = (2 * al(32 * (D // 8 + 4) * 4) + al(W * 4 * D * 2) + al(W * R * ldm * 4)
           + al((3 * W * R + W + R + 1) * 4))
     return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc
 
