@@ -2,7 +2,8 @@
 // nearest_l2; included by patternkv.cu, whose wrappers give the launch shapes). Built with
 // --fmad=false, ops spelled _rn.
 // Exactness: minmax_assign, chebyshev_centre, v_use_residual are the oracle's float32 ops in its
-// order (max/min are exact in any order). KMeans and nearest_l2 run in float64 like the oracle:
+// order (max/min are exact in any order). KMeans and nearest_l2 decide in float64 like the oracle
+// (a point's nearest centre: tensor cores, with float64 wherever they cannot tell; nearest.cuh):
 //  * a sum over D of squares is numpy's pairwise sum (D % 8 == 0, D <= 128: accumulators r[k]
 //    over terms k, k+8, ..., then ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7))): lane k of a group of 8
 //    lanes holds r[k] and an xor-shuffle tree adds them (IEEE addition commutes);
@@ -14,21 +15,13 @@
 // The points x (T) are fp16 or float32 (the same values: the cache hands over fp16 ones, half the
 // bytes, so that a prefill's sets stay in L2 across the m + 1 seed rounds and the Lloyd steps).
 #pragma once
-#include "kivi.cuh"  // kivi::Rows, kivi::Slots: a flush's token rows and index storage
+#include "kivi.cuh"     // kivi::Rows, kivi::Slots: a flush's token rows and index storage
+#include "nearest.cuh"  // the nearest-centre search, and the float64 helpers (sq8, tree8, ...)
 
 namespace {
 
-constexpr unsigned FULL = 0xffffffffu;
-constexpr int U = 8;       // independent loads a thread issues before using them
-constexpr int CH = 32;     // centres per shared-memory chunk (nearest; km_step's sums where m <= CH)
 constexpr int TT = 16;     // tokens per block (minmax_assign)
 constexpr int NONE = 0x7fffffff;  // index of no candidate (after every real one)
-
-__device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }  // NVRTC: no INFINITY
-
-__device__ __forceinline__ double as_f64(double v) { return v; }
-__device__ __forceinline__ double as_f64(float v) { return v; }
-__device__ __forceinline__ double as_f64(__half v) { return __half2float(v); }
 
 // (a, ia) comes before (b, ib): the larger (MAX) or smaller value, ties to the lower index.
 template <bool MAX>
@@ -50,22 +43,6 @@ __device__ void block_first(double& v, int& i, double* sv, int* si) {
     v = sv[0], i = si[0];
     for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
         if (first<MAX>(sv[w], si[w], v, i)) v = sv[w], i = si[w];
-}
-
-// numpy's tree over the 8 accumulators of a group of 8 lanes (lane k holds r[k]).
-__device__ __forceinline__ double tree8(double r) {
-    r = __dadd_rn(r, __shfl_xor_sync(FULL, r, 1));
-    r = __dadd_rn(r, __shfl_xor_sync(FULL, r, 2));
-    return __dadd_rn(r, __shfl_xor_sync(FULL, r, 4));
-}
-
-// numpy's pairwise sum over i < D of t(i)^2, by the 8 lanes of a group (all 32 lanes of the
-// warp must call it). Starting r[k] at 0 is exact: squares are >= +0.
-template <int D, class F>
-__device__ __forceinline__ double sq8(F t) {
-    double r = 0.0, v;
-    for (int i = threadIdx.x & 7; i < D; i += 8) v = t(i), r = __dadd_rn(r, __dmul_rn(v, v));
-    return tree8(r);
 }
 
 // numpy's pairwise_sum (numpy/_core/src/umath/loops_utils.h.src): a run of n <= 128 terms ...
@@ -186,90 +163,40 @@ __global__ void __launch_bounds__(256) km_seed(const T* __restrict__ x, int P, i
     if (threadIdx.x == 0) cand_v[o] = bv, cand_i[o] = bi;
 }
 
-// The nearest centre of this thread's point xp (ok: a real point; all threads of the block must
-// call it, it syncs). Centres cen (M, D) of the point's set go through shared memory CH at a time
-// as float64, with numpy's pairwise |c|^2. KM (a KMeans step): cen float64, d = (xx - 2 x.c) +
-// |c|^2, xx = |x|^2; !KM (nearest_l2): cen float32 or fp16, d = |c|^2 - 2 x.c. Returns (distance,
-// index) through best / bj.
-template <int D, bool KM, class T, class C>
-__device__ __forceinline__ void nearest(const T* __restrict__ xp, bool ok, const C* __restrict__ cen, int M, double xx,
-                                        double (&cs)[CH][D], double* c2, double& best, int& bj) {
-    best = inf(), bj = 0;
-    for (int j0 = 0; j0 < M; j0 += CH) {
-        const int mc = min(CH, M - j0);
-        __syncthreads();  // the previous chunk is done with
-        for (int e0 = threadIdx.x; e0 < CH * D; e0 += U * blockDim.x) {  // U loads in flight, then U stores
-            double v[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int e = e0 + u * blockDim.x;
-                v[u] = e >= mc * D ? 0.0 : as_f64(cen[(size_t)j0 * D + e]);
-            }
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (e0 + u * blockDim.x < CH * D) (&cs[0][0])[e0 + u * blockDim.x] = v[u];
-        }
-        __syncthreads();
-        for (int j = threadIdx.x >> 3; j < CH; j += blockDim.x >> 3) {
-            const double s = sq8<D>([&](int i) { return cs[j][i]; });
-            if ((threadIdx.x & 7) == 0) c2[j] = s;
-        }
-        __syncthreads();
-        double acc[CH] = {};
-#pragma unroll 1
-        for (int d = 0; d < D; d += 4) {
-            float xv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (ok) minikv::quant::ld4(xp + d, xv);
-            const double x0 = xv[0], x1 = xv[1], x2 = xv[2], x3 = xv[3];  // converted once, not per centre
-#pragma unroll
-            for (int j = 0; j < CH; ++j) {
-                if (j >= mc) continue;
-                const double2 u = *reinterpret_cast<const double2*>(&cs[j][d]);
-                const double2 v = *reinterpret_cast<const double2*>(&cs[j][d + 2]);
-                acc[j] = __fma_rn(x3, v.y, __fma_rn(x2, v.x, __fma_rn(x1, u.y, __fma_rn(x0, u.x, acc[j]))));
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < CH; ++j) {
-            const double t = __dmul_rn(2.0, acc[j]);
-            const double d = KM ? __dadd_rn(__dsub_rn(xx, t), c2[j]) : __dsub_rn(c2[j], t);
-            if (j < mc && d < best) best = d, bj = j0 + j;
-        }
-    }
-}
-
 // nearest_l2 of a flush's tokens, written as pattern indices: token t < TS of set s (kivi::Rows
 // x, fp16 or float32) against the first m of the set's Mc centres cen[slots.base(s) * Mc * D]
 // (C: float32 or fp16), index to out[slots.at(s, t)] uint8 (m <= 256). Grid (ceil(TS / 128), S),
 // 128 threads.
 template <int D, class T, class C>
-__global__ void __launch_bounds__(128) km_assign(const T* __restrict__ x, long long xb, long long xh, long long xt,
-                                                 int H, const int* __restrict__ rows, const C* __restrict__ cen, int Mc,
-                                                 int m, unsigned char* __restrict__ out, int cap, int off, int TS) {
-    __shared__ __align__(16) double cs[CH][D];
-    __shared__ double c2[CH];
-    const int set = blockIdx.y, t = blockIdx.x * blockDim.x + threadIdx.x;
+__global__ void __launch_bounds__(KP) km_assign(const T* __restrict__ x, long long xb, long long xh, long long xt,
+                                                int H, const int* __restrict__ rows, const C* __restrict__ cen, int Mc,
+                                                int m, unsigned char* __restrict__ out, int cap, int off, int TS) {
+    __shared__ NearSmem<D> s;
+    const int set = blockIdx.y, t0 = blockIdx.x * KP, t = t0 + threadIdx.x;
     const kivi::Slots slots{rows, H, cap, off};
-    double best;
-    int bj;
-    nearest<D, false>(kivi::Rows<T>{x, xb, xh, xt, H}.row(set, t < TS ? t : 0), t < TS, cen + slots.base(set) * Mc * D,
-                      m, 0.0, cs, c2, best, bj);
+    const kivi::Rows<T> xr{x, xb, xh, xt, H};
+    const int bj = nearest<D, false, T>([&](int i) { return xr.row(set, min(t0 + i, TS - 1)); }, t < TS,
+                                        cen + slots.base(set) * Mc * D, m, 0.0, s);
     if (t < TS) out[slots.at(set, t)] = (unsigned char)bj;
 }
 
-// The Lloyd update of one set by one block (after every point's assignment, m <= 256): the
-// k-th empty cluster (in index order) takes the k-th point in order of decreasing far (ties:
-// lower index; round k finds the first point after round k - 1's), the others sums / counts.
-// move = max_j |new_j - c_j|^2 (numpy pairwise); active = move > limit. c (N, m, D) float64 is
-// updated in place; sums and counts are zeroed for the next step. Other blocks wrote far, sums
-// and counts in this launch: they are read past L1 (__ldcg). diff: CH * D doubles of scratch.
+// The Lloyd update of one set by one block (after every point's assignment a, m <= 256): the
+// k-th empty cluster (in index order) takes the k-th point in order of decreasing distance to
+// its own centre (ties: lower index; round k finds the first point after round k - 1's), the
+// others sums / counts. move = max_j |new_j - c_j|^2 (numpy pairwise); active = move > limit.
+// c (N, m, D) float64 is updated in place; sums and counts are zeroed for the next step. Other
+// blocks wrote a, sums and counts in this launch: they are read past L1 (__ldcg). far (N, P):
+// scratch for the distances, computed only when a cluster is empty (as the oracle's d).
 template <int D, class T>
-__device__ void lloyd_update(const T* __restrict__ x, int P, int m, int set, const double* far,
-                             const double* limit, double* c, double* sums, int* counts, int* active, double* diff) {
+__device__ void lloyd_update(const T* __restrict__ x, int P, int m, int set, const int* a, const double* x2,
+                             double* far, const double* limit, double* c, double* sums, int* counts, int* active) {
     __shared__ int n_of[256], rank[256], pick[256], warp_empty[32], si[32];
-    __shared__ double sv[32];
+    __shared__ double sv[32], c2[256];
     int* cnt = counts + (size_t)set * m;
+    double* cs = c + (size_t)set * m * D;
+    double* ss = sums + (size_t)set * m * D;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int G = blockDim.x >> 3, mpad = (m + G - 1) / G * G;  // 8 lanes per centre, all lanes in step
     int n_empty = 0;  // rank[j]: empty clusters before j (a ballot prefix count per chunk)
     for (int j0 = 0; j0 < m; j0 += blockDim.x) {
         const int j = j0 + threadIdx.x;
@@ -282,6 +209,19 @@ __device__ void lloyd_update(const T* __restrict__ x, int P, int m, int set, con
         for (int v = 0; v < warp; ++v) before += warp_empty[v];
         if (j < m) n_of[j] = n, rank[j] = n == 0 ? before + __popc(e & ((1u << lane) - 1)) : -1;
         for (int v = 0; v < warps; ++v) n_empty += warp_empty[v];
+    }
+    if (n_empty > 0) {  // far: each point's float64 distance to its (old) centre, as the oracle's d
+        for (int j = threadIdx.x >> 3; j < mpad; j += G) {
+            const double r = sq8<D>([&](int i) { return j < m ? cs[(size_t)j * D + i] : 0.0; });
+            if ((threadIdx.x & 7) == 0 && j < m) c2[j] = r;
+        }
+        __syncthreads();
+        for (int p = threadIdx.x; p < P; p += blockDim.x) {
+            const size_t q = (size_t)set * P + p;
+            const int j = __ldcg(a + q);
+            far[q] = exact_d<D, true>(x + q * D, cs + (size_t)j * D, x2[q], c2[j]);
+        }
+        __syncthreads();
     }
     const double* fs = far + (size_t)set * P;
     double pv = inf();
@@ -299,33 +239,29 @@ __device__ void lloyd_update(const T* __restrict__ x, int P, int m, int set, con
     }
     __syncthreads();
     double move = 0.0;
-    double* cs = c + (size_t)set * m * D;
-    double* ss = sums + (size_t)set * m * D;
-    for (int j0 = 0; j0 < m; j0 += CH) {  // new centres and their differences, CH at a time
-        const int mc = min(CH, m - j0);
-        for (int e0 = threadIdx.x; e0 < mc * D; e0 += U * blockDim.x) {  // U loads in flight, then U stores
+    for (int j = threadIdx.x >> 3; j < mpad; j += G) {  // new centre j and |new - c|^2 (sq8's order), 8 lanes
+        const bool ok = j < m;
+        const int n = ok ? n_of[j] : 1;
+        const T* xp = x + ((size_t)set * P + (ok && n == 0 ? pick[rank[j]] : 0)) * D;
+        double r = 0.0;
+        for (int u0 = 0; u0 < D / 8; u0 += U) {
             double sum[U], old[U];
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int e = min(e0 + u * (int)blockDim.x, mc * D - 1), j = j0 + e / D, n = n_of[j];
-                sum[u] = n ? __ldcg(ss + (size_t)j0 * D + e) : as_f64(x[((size_t)set * P + pick[rank[j]]) * D + e % D]);
-                old[u] = cs[(size_t)j0 * D + e];
+            for (int u = 0; u < U; ++u) {  // U loads in flight before the first use
+                const size_t e = (size_t)(ok ? j : 0) * D + (threadIdx.x & 7) + 8 * (u0 + u);
+                sum[u] = n ? __ldcg(ss + e) : as_f64(xp[e % D]);
+                old[u] = cs[e];
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                const int e = e0 + u * blockDim.x, n = e < mc * D ? n_of[j0 + e / D] : 0;
-                if (e >= mc * D) break;
-                const double nw = n ? __ddiv_rn(sum[u], (double)n) : sum[u];
-                diff[e] = __dsub_rn(nw, old[u]);
-                cs[(size_t)j0 * D + e] = nw, ss[(size_t)j0 * D + e] = 0.0;
+                const size_t e = (size_t)j * D + (threadIdx.x & 7) + 8 * (u0 + u);
+                const double nw = n ? __ddiv_rn(sum[u], (double)n) : sum[u], df = __dsub_rn(nw, old[u]);
+                if (ok) cs[e] = nw, ss[e] = 0.0;
+                r = __dadd_rn(r, __dmul_rn(df, df));
             }
         }
-        __syncthreads();
-        for (int j = threadIdx.x >> 3; j < CH; j += blockDim.x >> 3) {  // |new - c|^2, 8 lanes per centre
-            const double mv = sq8<D>([&](int i) { return j < mc ? diff[j * D + i] : 0.0; });
-            move = mv > move ? mv : move;
-        }
-        __syncthreads();
+        r = tree8(r);
+        if (ok) move = r > move ? r : move;
     }
     int unused = 0;
     block_first<true>(move, unused, sv, si);  // the block's max
@@ -333,60 +269,90 @@ __device__ void lloyd_update(const T* __restrict__ x, int P, int m, int set, con
     if (threadIdx.x == 0) active[set] = move > limit[set];
 }
 
-// One Lloyd step of the active sets in one launch. Grid (ceil(P / 128), N), 128 threads, a
-// thread per point: the nearest centre (a (N, P) int32, far (N, P) its distance), then the
-// block's cluster sums (in shared memory where m <= CH, else straight to global atomics; sums
-// of fp16 values are exact in float64, so any order gives the same sums) added into
-// sums (N, m, D) / counts (N, m), both zero on entry. The set's last block to finish (done
-// (N,) counts them, reset after) applies the update.
+// The block's cluster sums and counts added into gs (m, D) and gc (m): its np points (rows of xb,
+// cluster pa[i]) counting-sorted by cluster, then thread d walks column d in that order, adding
+// a cluster's run in a register and flushing it with one atomic (sums of fp16 values are exact
+// in float64, so any order gives the oracle's sums). cnt, start: m ints of scratch, ord: np.
 template <int D, class T>
-__global__ void __launch_bounds__(128) km_step(const T* __restrict__ x, int P, int m, const double* x2,
-                                               const double* limit, double* c, int* a, double* far, double* sums,
-                                               int* counts, int* done, int* active) {
-    __shared__ __align__(16) double cs[CH][D];  // centres, then the block's cluster sums
-    __shared__ double c2[CH];
-    __shared__ int pa[128], cnt[256];
-    __shared__ bool last;
-    const int set = blockIdx.y, p0 = blockIdx.x * blockDim.x, p = p0 + threadIdx.x, np = min(P - p0, (int)blockDim.x);
-    if (!active[set]) return;
-    double best;
-    int bj;
-    nearest<D, true>(x + ((size_t)set * P + (p < P ? p : 0)) * D, p < P, c + (size_t)set * m * D, m,
-                     p < P ? x2[(size_t)set * P + p] : 0.0, cs, c2, best, bj);
-    if (p < P) a[(size_t)set * P + p] = bj, far[(size_t)set * P + p] = best;
-    pa[threadIdx.x] = bj;
-    for (int j = threadIdx.x; j < m; j += blockDim.x) cnt[j] = 0;
-    const bool local = m <= CH;
-    double* acc = &cs[0][0];
-    __syncthreads();  // every thread is done with cs
-    for (int e = threadIdx.x; local && e < m * D; e += blockDim.x) acc[e] = 0.0;
-    if (threadIdx.x < np) atomicAdd(cnt + bj, 1);
+__device__ void block_sums(const T* __restrict__ xb, int np, int m, const int* pa, double* gs, int* gc, int* cnt,
+                           int* start, int* ord) {
+    const int i = threadIdx.x;
+    for (int j = i; j < m; j += blockDim.x) cnt[j] = 0;
     __syncthreads();
-    double* gs = sums + (size_t)set * m * D;
-    const T* xb = x + ((size_t)set * P + p0) * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x)  // thread d owns column d: no conflicts
-        for (int i0 = 0; i0 < np; i0 += U) {
-            double v[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u) v[u] = i0 + u < np ? as_f64(xb[(size_t)(i0 + u) * D + d]) : 0.0;
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                if (i0 + u >= np) break;
-                if (local) acc[pa[i0 + u] * D + d] += v[u];
-                else atomicAdd(gs + pa[i0 + u] * D + d, v[u]);
-            }
+    for (int k = i; k < np; k += blockDim.x) atomicAdd(cnt + pa[k], 1);
+    __syncthreads();
+    if (i < 32) {  // start = cnt's exclusive prefix sum: lane l scans entries [8 l, 8 l + 8) (m <= 256)
+        int tot = 0, incl;
+        for (int j = 8 * i; j < min(m, 8 * i + 8); ++j) tot += cnt[j];
+        incl = tot;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(FULL, incl, o);
+            if (i >= o) incl += v;
         }
+        for (int j = 8 * i, run = incl - tot; j < min(m, 8 * i + 8); ++j) start[j] = run, run += cnt[j];
+    }
     __syncthreads();
-    for (int e = threadIdx.x; local && e < m * D; e += blockDim.x)
-        if (cnt[e / D]) atomicAdd(gs + e, acc[e]);
-    for (int j = threadIdx.x; j < m; j += blockDim.x)
-        if (cnt[j]) atomicAdd(counts + (size_t)set * m + j, cnt[j]);
-    __threadfence();  // this block's a, far, sums and counts are visible before it counts as done
+    for (int k = i; k < np; k += blockDim.x) ord[atomicAdd(start + pa[k], 1)] = k;
+    __syncthreads();
+    const int parts = blockDim.x / D, d = i % D, part = i / D;  // D = 64: two halves of the points per column
+    const int lo = part * np / parts, hi = (part + 1) * np / parts;
+    constexpr int UW = 16;  // rows in flight: a 256-point walk is 16 trips to L2
+    double sum = 0.0;
+    int jc = -1;
+    for (int i0 = lo; i0 < hi; i0 += UW) {
+        double v[UW];
+        int jj[UW];
+#pragma unroll
+        for (int u = 0; u < UW; ++u) {
+            const int k = i0 + u < hi ? ord[i0 + u] : ord[lo];
+            v[u] = as_f64(xb[(size_t)k * D + d]), jj[u] = pa[k];
+        }
+#pragma unroll
+        for (int u = 0; u < UW; ++u) {
+            if (i0 + u >= hi) break;
+            if (jj[u] != jc) {
+                if (jc >= 0) atomicAdd(gs + (size_t)jc * D + d, sum);
+                sum = 0.0, jc = jj[u];
+            }
+            sum = __dadd_rn(sum, v[u]);
+        }
+    }
+    if (jc >= 0) atomicAdd(gs + (size_t)jc * D + d, sum);
+    for (int j = i; j < m; j += blockDim.x)
+        if (cnt[j]) atomicAdd(gc + j, cnt[j]);
+}
+
+// One Lloyd step of the active sets in one launch. Grid (ceil(P / (KT KP)), N), KP threads: KT
+// tiles of KP points per block (fewer blocks, fewer atomics), a thread per point of a tile: its
+// nearest centre (a (N, P) int32), then the block's cluster sums added into sums (N, m, D) /
+// counts (N, m), both zero on entry. The set's last block to finish (done (N,) counts them,
+// reset after) applies the update; far (N, P) is its scratch.
+constexpr int KT = 2;
+template <int D, class T>
+__global__ void __launch_bounds__(KP) km_step(const T* __restrict__ x, int P, int m, const double* x2,
+                                              const double* limit, double* c, int* a, double* far, double* sums,
+                                              int* counts, int* done, int* active) {
+    __shared__ NearSmem<D> s;
+    __shared__ int pa[KT * KP], ord[KT * KP], cnt[256], start[256];
+    __shared__ bool last;
+    const int set = blockIdx.y, p0 = blockIdx.x * KT * KP, np = min(P - p0, KT * KP);
+    if (!active[set]) return;
+    const T* xs = x + (size_t)set * P * D;
+    for (int q0 = p0; q0 < p0 + np; q0 += KP) {  // the centres stay staged across tiles where m <= CH
+        const int p = q0 + threadIdx.x;
+        const int bj = nearest<D, true, T>([&](int i) { return xs + (size_t)min(q0 + i, P - 1) * D; }, p < P,
+                                           c + (size_t)set * m * D, m, p < P ? x2[(size_t)set * P + p] : 0.0, s,
+                                           q0 > p0 && m <= CH);
+        if (p < P) a[(size_t)set * P + p] = bj;
+        pa[q0 - p0 + threadIdx.x] = bj;
+    }
+    block_sums<D>(xs + (size_t)p0 * D, np, m, pa, sums + (size_t)set * m * D, counts + (size_t)set * m, cnt, start, ord);
+    __threadfence();  // this block's a, sums and counts are visible before it counts as done
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(done + set, 1) == (int)gridDim.x - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
-    lloyd_update<D>(x, P, m, set, far, limit, c, sums, counts, active, &cs[0][0]);
+    lloyd_update<D>(x, P, m, set, a, x2, far, limit, c, sums, counts, active);
     if (threadIdx.x == 0) done[set] = 0;
 }

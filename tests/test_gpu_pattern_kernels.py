@@ -26,7 +26,7 @@ def fp16(a) -> np.ndarray:
 
 def make_points(kind: str, N: int, P: int, D: int, seed: int) -> np.ndarray:
     """(N, P, D) test sets. clustered: blobs; offset: blobs on a large per-channel constant (like
-    Qwen2's key biases); outliers: a few huge tokens (attention sinks); dups: a handful of
+    Qwen2's key biases); tight: a small ball on a constant (near ties everywhere); outliers: a few huge tokens (attention sinks); dups: a handful of
     distinct points on a coarse grid, repeated, so that KMeans sees duplicate centres and empty
     clusters (coarse values keep every float64 dot product exact)."""
     rng = np.random.default_rng(seed)
@@ -39,6 +39,8 @@ def make_points(kind: str, N: int, P: int, D: int, seed: int) -> np.ndarray:
         x = blobs[rows, rng.integers(0, k, (N, P))] + 0.5 * rng.standard_normal((N, P, D))
         if kind == "offset":
             x += rng.uniform(-80.0, 80.0, D)
+    elif kind == "tight":  # a small ball far from 0: every approximate distance ties, all decided in float64
+        x = rng.uniform(-4.0, 4.0, D) + 0.01 * rng.standard_normal((N, P, D))
     elif kind == "outliers":
         x = rng.standard_normal((N, P, D))
         x[:, rng.integers(0, P, max(1, P // 100))] *= 40.0
@@ -66,6 +68,8 @@ KMEANS_CASES = [
     (12, 500, 64, 32, "clustered"),
     (8, 500, 128, 10, "offset"),
     (9, 500, 128, 32, "dups"),
+    (2, 500, 128, 32, "tight"),
+    (3, 300, 64, 40, "tight"),
     (11, 500, 64, 32, "outliers"),
     (2, 2000, 128, 32, "clustered"),
     (3, 2000, 64, 24, "offset"),
@@ -151,6 +155,22 @@ def test_nearest_l2_matches_oracle(gpu, N, T, D, M):
               np.ascontiguousarray(picks + 0.3 * rng.standard_normal(picks.shape), dtype=np.float32),
               np.ascontiguousarray(picks[:, rng.integers(0, M, M)])):  # duplicate rows: ties
         assert_same(pk.nearest_l2(cp, cp.asarray(x), cp.asarray(c)), ref.nearest_l2(np, x, c))
+
+
+def test_nearest_l2_near_ties_and_float32_points(gpu):
+    """Points the tensor-core filter cannot settle: near ties (a tight ball), float32 values that
+    fp16 rounds, and values past fp16's range (every centre then goes to float64)."""
+    cp, pk = gpu
+    rng = np.random.default_rng(5)
+    for kind in ("tight", "normal"):
+        x = make_points(kind, 4, 300, 128, seed=9)
+        c = np.ascontiguousarray(x[:, rng.integers(0, 300, 40)] + 1e-3 * rng.standard_normal((4, 40, 128)),
+                                 dtype=np.float32)
+        assert_same(pk.nearest_l2(cp, cp.asarray(x), cp.asarray(c)), ref.nearest_l2(np, x, c))
+    x = rng.standard_normal((3, 257, 64)).astype(np.float32)  # not fp16 values
+    x[0, :5] *= 1e5  # past fp16's largest value
+    c = np.ascontiguousarray(x[:, rng.integers(0, 257, 33)] + 0.1 * rng.standard_normal((3, 33, 64)), dtype=np.float32)
+    assert_same(pk.nearest_l2(cp, cp.asarray(x), cp.asarray(c)), ref.nearest_l2(np, x, c))
 
 
 def test_nearest_l2_on_mined_patterns(gpu):
