@@ -328,8 +328,8 @@ __device__ void block_sums(const T* __restrict__ xb, int np, int m, const int* p
 // counts (N, m), both zero on entry. The set's last block to finish (done (N,) counts them,
 // reset after) applies the update; far (N, P) is its scratch.
 constexpr int KT = 2;
-template <int D, class T>
-__global__ void __launch_bounds__(KP) km_step(const T* __restrict__ x, int P, int m, const double* x2,
+template <int D, class T>  // 4 blocks per SM: at its own choice of ~140 registers (3 blocks), a step takes 1.3x as long
+__global__ void __launch_bounds__(KP, 4) km_step(const T* __restrict__ x, int P, int m, const double* x2,
                                               const double* limit, double* c, int* a, double* far, double* sums,
                                               int* counts, int* done, int* active) {
     __shared__ NearSmem<D> s;

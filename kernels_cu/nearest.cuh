@@ -13,13 +13,16 @@
 //  * the centre's fp16 parts miss c by <= u^2 |c_i| + 2^-25 per channel (hi + lo; lo may be
 //    subnormal): 2 |x.(c - hi - lo)| <= 2^-21 |x| cmax + 2^-20.5 |x|;
 //  * x as fp16 when it is float32: 2 |(x - x16).c| <= 2u |x| cmax + 2^-20.5 cmax;
-//  * the fp32 tensor-core sums of 2 D / 16 mmas: products are exact, and each mma's sum of 16
-//    of them with the accumulator is aligned to the largest and truncated, off by <= 2 units of
-//    2^-23 of its terms' magnitude (Fasi et al. 2021, "Numerical behavior of NVIDIA tensor
-//    cores", measured to A100; Hopper keeps more bits): <= 2^-18 sum |x_i c_i| in all, doubled;
+//  * the tensor cores' fp32 sums: products are exact, and an mma adds its 16 products and the
+//    accumulator aligned to the largest term and truncated (Fasi et al. 2021, "Numerical
+//    behavior of NVIDIA tensor cores", V100 / T4 / A100; Khattak and Mikaitis 2025 model the
+//    H100 alike), each term losing < 1 unit of 2^-23 of the largest: <= 17 such units. Each
+//    16-channel step's two mmas (hi, then lo) start from 0 and their sum is added in fp32 with
+//    rounding to nearest, so the largest term is one of that step's: <= 2^-17.9 sum |x_i c_i|
+//    over the steps, plus the fp32 adds' D / 16 * 2^-24; doubled;
 //  * fp32 rounding of |c|^2 and of the difference: 2^-23 (c2max + 2 |x| cmax); float64 rounding
 //    of the oracle's d: < 2^-40 (|x|^2 + |x| cmax + c2max).
-// E = k (|x| cmax + c2max) + 2^-20 (|x| + cmax) + 2^-40 |x|^2 with k = 2^-13 (fp16 x: 16x the
+// E = k (|x| cmax + c2max) + 2^-20 (|x| + cmax) + 2^-40 |x|^2 with k = 2^-13 (fp16 x: 13x the
 // tensor cores' bound) or 2^-9 (float32 x: 2x its rounding) covers these. A non-finite
 // approximation (inf or NaN inputs) makes every centre a candidate.
 #pragma once
@@ -134,14 +137,20 @@ __device__ __forceinline__ void candidates(Row row, int mc, NearSmem<D>& s) {
                 sq[t][q & 1] += f.x * f.x + f.y * f.y;
             }
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < 4; ++nt) {
+            float st[2][4] = {};  // this step's sums, from 0 (the error bound above)
 #pragma unroll
             for (int part = 0; part < 2; ++part) {
                 const __half* cr = &s.c16[part][8 * nt + g][16 * k + 2 * c];
                 const uint32_t b[2] = {h2_word(cr), h2_word(cr + 8)};
-                minikv::mma16816(acc[0][nt], a[k][0], b);
-                minikv::mma16816(acc[1][nt], a[k][1], b);
+                minikv::mma16816(st[0], a[k][0], b);
+                minikv::mma16816(st[1], a[k][1], b);
             }
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[t][nt][e] += st[t][e];
+        }
     }
     float c2max = 0.0f;
     for (int j = 0; j < mc; ++j) c2max = fmaxf(c2max, (float)s.c2[j]);
@@ -194,8 +203,8 @@ __device__ __forceinline__ int nearest(Row row, bool ok, const C* __restrict__ c
     int bj = 0;
     for (int j0 = 0; j0 < M; j0 += CH) {
         const int mc = min(CH, M - j0);
+        __syncthreads();  // the previous chunk and masks are done with
         if (!staged) {
-            __syncthreads();  // the previous chunk is done with
             stage_chunk<D>(cen + (size_t)j0 * D, mc, s);
             __syncthreads();
         }
