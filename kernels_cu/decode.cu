@@ -105,6 +105,9 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
         prefetch_rows_l2<D>(step_k + step_off, s_st, st_a, st_z), prefetch_rows_l2<D>(step_v + step_off, s_st, st_a, st_z);
     }
     using Step = QStep<D, KB, VB, PAT, NG>;
+    // the warp's first step, whose loads wait for the prologue (patternkv: no gain measured; its K
+    // pattern rows are read from L2 then)
+    if constexpr (QUANT && !PAT) if (qa < qz) Step::prefetch_l2(row0 + qa, kc, vc, vs, vm);
     Step A, Bs;
     int ci = qa / G, c_end = (ci + 1) * G;
     KPatterns<D, DW> kpats;

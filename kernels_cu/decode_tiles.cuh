@@ -308,6 +308,22 @@ struct QStep {
             mk = (mask_row[bq >> 3] >> (bq & 7)) & ((1u << S) - 1u);
         }
     }
+    // The step's codes and V scales / mins into L2, one bulk prefetch per array (sm_90; the range
+    // widened to 16-byte bounds, as the instruction needs).
+    __device__ __forceinline__ static void prefetch_l2(long long tok, const uint8_t* kc, const uint8_t* vc,
+                                                       const __half* vsp, const __half* vmp) {
+#if __CUDA_ARCH__ >= 900
+        const int lane = threadIdx.x & 31;
+        if (lane < 4) {
+            const uint8_t* a = lane == 0 ? kc + tok * (D * KB / 8) : lane == 1 ? vc + tok * (D * VB / 8)
+                             : reinterpret_cast<const uint8_t*>((lane == 2 ? vsp : vmp) + tok);
+            const int n = lane == 0 ? 16 * NG * D * KB / 8 : lane == 1 ? 16 * NG * D * VB / 8 : 16 * NG * 2;
+            const unsigned long long lo = reinterpret_cast<unsigned long long>(a) & ~15ull;
+            const uint32_t bytes = static_cast<uint32_t>((reinterpret_cast<unsigned long long>(a) + n + 15 - lo) & ~15ull);
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"(bytes) : "memory");
+        }
+#endif
+    }
     // byte i of kx / vx (i a compile-time constant after unrolling), in one prmt
     __device__ __forceinline__ static uint32_t byte(const Raw<S>& r, int i) { return prmt(r.w[i / 4], 0u, 0x4440u | (i % 4)); }
 };
