@@ -32,6 +32,7 @@
 // a kv head to finish merges the blocks (decode_merge.cuh).
 #include "decode_merge.cuh"
 #include "decode_patterns.cuh"
+#include "decode_steps.cuh"
 
 using namespace minikv;
 

@@ -1,6 +1,6 @@
 // Per-lane pieces of the decode attention kernel (decode.cu): shared-memory layout, the warp's
-// softmax/output state, the step loaders for quantized and fp16 keys, and the builders of mma
-// operand fragments. Lane (g = lane/4, c = lane%4) holds keys 2g, 2g+1 x channels
+// softmax/output state, and the builders of mma operand fragments (the step loaders are in
+// decode_steps.cuh). Lane (g = lane/4, c = lane%4) holds keys 2g, 2g+1 x channels
 // [c D/4, (c+1) D/4) for scores, keys 4c..4c+3 x channels [g D/8, (g+1) D/8) for P.V.
 #pragma once
 #include "frag.cuh"
@@ -269,95 +269,6 @@ __device__ __forceinline__ float2 chunk_operands(uint32_t (&bk)[D / 16][2], cons
     }
     return make_float2(qm[0] * sl2 - bias[0], qm[1] * sl2 - bias[1]);
 }
-
-// NG groups of 16 quantized keys, as this lane loads them (a step ahead of their use). The
-// step's keys are dealt so that each lane's are contiguous (any order does, if the scores and
-// P.V agree): group q's mma row m is key 2 NG (m % 8) + 2q + m / 8, so lane (g, c) scores keys
-// [2 NG g, 2 NG (g + 1)) over the step (their V scales, mins and pattern indices: one vector load
-// each) and multiplies V rows [4 NG c, 4 NG (c + 1)).
-template <int D, int KB, int VB, bool PAT, int NG>
-struct QStep {
-    static constexpr int KBY = D * KB / 32, VBY = D * VB / 64;  // bytes per key: scores lane, P.V lane
-    static constexpr int S = 2 * NG;                            // keys per lane and step (scores side)
-    Raw<KBY> k[NG][2];  // group q: keys S g + 2q, +1; channels [c D/4, (c+1) D/4)
-    Raw<VBY> v[NG][4];  // group q: keys 2 S c + 2q + {0, 1, S, S + 1}; channels [g D/8, (g+1) D/8)
-    Raw<2 * S> vs, vm;  // half2 word q: V scale / min of group q's keys S g + 2q, +1
-    Raw<S> kx, vx;      // patternkv: byte 2q + j: K / V pattern of key S g + 2q + j
-    uint32_t mk;        // patternkv: bit 2q + j: V mask of key S g + 2q + j
-
-    // tok: storage slot of the step's first key; bit: its index in the sequence's mask row
-    __device__ __forceinline__ void load(long long tok, int bit, const uint8_t* kc, const uint8_t* vc,
-                                         const __half* vsp, const __half* vmp, const uint8_t* kidx,
-                                         const uint8_t* vidx, const uint8_t* mask_row) {
-        const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int q = 0; q < NG; ++q) {
-            const long long t = tok + S * g + 2 * q;
-            k[q][0].load(kc + t * (D * KB / 8) + c * KBY);
-            k[q][1].load(kc + (t + 1) * (D * KB / 8) + c * KBY);
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                v[q][j].load(vc + (tok + 2 * S * c + 2 * q + (j & 1) + (j >> 1) * S) * (D * VB / 8) + g * VBY);
-        }
-        vs.load(vsp + tok + S * g);
-        vm.load(vmp + tok + S * g);
-        if constexpr (PAT) {
-            kx.load(kidx + tok + S * g);
-            vx.load(vidx + tok + S * g);
-            const int bq = bit + S * g;  // a multiple of S (<= 8): the bits share a byte
-            mk = (mask_row[bq >> 3] >> (bq & 7)) & ((1u << S) - 1u);
-        }
-    }
-    // The step's codes and V scales / mins into L2, one bulk prefetch per array (sm_90; the range
-    // widened to 16-byte bounds, as the instruction needs).
-    __device__ __forceinline__ static void prefetch_l2(long long tok, const uint8_t* kc, const uint8_t* vc,
-                                                       const __half* vsp, const __half* vmp) {
-#if __CUDA_ARCH__ >= 900
-        const int lane = threadIdx.x & 31;
-        if (lane < 4) {
-            const uint8_t* a = lane == 0 ? kc + tok * (D * KB / 8) : lane == 1 ? vc + tok * (D * VB / 8)
-                             : reinterpret_cast<const uint8_t*>((lane == 2 ? vsp : vmp) + tok);
-            const int n = lane == 0 ? 16 * NG * D * KB / 8 : lane == 1 ? 16 * NG * D * VB / 8 : 16 * NG * 2;
-            const unsigned long long lo = reinterpret_cast<unsigned long long>(a) & ~15ull;
-            const uint32_t bytes = static_cast<uint32_t>((reinterpret_cast<unsigned long long>(a) + n + 15 - lo) & ~15ull);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"(bytes) : "memory");
-        }
-#endif
-    }
-    // byte i of kx / vx (i a compile-time constant after unrolling), in one prmt
-    __device__ __forceinline__ static uint32_t byte(const Raw<S>& r, int i) { return prmt(r.w[i / 4], 0u, 0x4440u | (i % 4)); }
-};
-
-// Rows [k_lo, k_hi) of D halves, `stride` halves apart, into L2 (the warp's lanes share the lines).
-template <int D>
-__device__ __forceinline__ void prefetch_rows_l2(const __half* p, long long stride, int k_lo, int k_hi) {
-    constexpr int LINES = D * 2 / 128;  // 128-byte lines per row
-    for (int i = (threadIdx.x & 31); i < (k_hi - k_lo) * LINES; i += 32)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (k_lo + i / LINES) * stride + (i % LINES) * 64));
-}
-
-// One group of 16 fp16 keys (sinks, window, this step's keys, the dense cache).
-template <int D>
-struct FStep {
-    Raw<D / 2> k[2];  // keys 2g, 2g+1; channels [c D/4, (c+1) D/4)
-    Raw<D / 4> v[4];  // keys 4c..4c+3; channels [g D/8, (g+1) D/8)
-    // rows of `n` valid keys from key0, `stride` halves apart
-    __device__ __forceinline__ void load(const __half* kp, const __half* vp, long long stride, int key0, int n) {
-        const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int key = key0 + 2 * g + j;
-            if (key < n) k[j].load(kp + key * stride + c * (D / 4));
-            else k[j].zero();
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int key = key0 + 4 * c + j;
-            if (key < n) v[j].load(vp + key * stride + g * (D / 8));
-            else v[j].zero();  // zeros, not garbage: p = 0 times NaN would still be NaN
-        }
-    }
-};
 
 // V^T A fragments from key pairs (4c, 4c+2) and (4c+1, 4c+3): channel n of the lane's run
 // goes to block n % (D/16), row half n / (D/16). Codes come biased, code * 2^s + 1024 with
