@@ -26,11 +26,16 @@
 // pattern rows per key instead costs ~110 instructions and ~80 registers per 16 keys, and 64 KB of
 // rows per kv head at 256 patterns does not stay in L1.
 //
+// nqkv's codes (normal-quantile levels, absmax per token block) are not uniform: a lane turns
+// them into fp16 values through lookup tables in shared memory, and scores them as fp16 keys
+// (decode_nq.cuh).
+//
 // Each warp walks its own contiguous range of keys with its own softmax state (rescaled lazily:
 // only when a row's max grows by more than 2^8), loading the next NG groups while computing the
 // current (two register buffers, ping-pong); the block merges its warps, and the last block of
 // a kv head to finish merges the blocks (decode_merge.cuh).
 #include "decode_merge.cuh"
+#include "decode_nq.cuh"
 #include "decode_patterns.cuh"
 #include "decode_steps.cuh"
 
@@ -44,7 +49,7 @@ template <int D, int METHOD, int KB, int VB, int NG, int DW>
 __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_PARAMS, __half* __restrict__ out,
                                                                int* __restrict__ counters) {
     using L = DLayout<D, DW>;
-    constexpr bool QUANT = METHOD != DENSE, PAT = METHOD == PATTERN;
+    constexpr bool QUANT = METHOD != DENSE, PAT = METHOD == PATTERN, NQ = METHOD == NQKV_TOKEN;
     constexpr int NK = D / 16, NT = DW * 32, LDM = L::LDM;
     extern __shared__ __align__(128) unsigned char smem[];
     uint32_t* Qn = reinterpret_cast<uint32_t*>(smem + L::QN);
@@ -108,7 +113,7 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     using Step = QStep<D, KB, VB, PAT, NG>;
     // the warp's first step, whose loads wait for the prologue (patternkv: no gain measured; its K
     // pattern rows are read from L2 then)
-    if constexpr (QUANT && !PAT) if (qa < qz) Step::prefetch_l2(row0 + qa, kc, vc, vs, vm);
+    if constexpr (METHOD == KIVI) if (qa < qz) Step::prefetch_l2(row0 + qa, kc, vc, vs, vm);
     Step A, Bs;
     int ci = qa / G, c_end = (ci + 1) * G;
     KPatterns<D, DW> kpats;
@@ -121,8 +126,12 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     if constexpr (PAT) {
         for (int i = tid; i < DW * mp * NR / 4; i += NT) reinterpret_cast<uint4*>(hist)[i] = make_uint4(0u, 0u, 0u, 0u);
     }
+    if constexpr (NQ) {  // K's table, and V's where its codes have other bits
+        nq_table<KB>(smem + L::NL, levels_k, tid, NT);
+        if constexpr (VB != KB) nq_table<VB>(smem + L::NL + NQ_TABLE, levels_v, tid, NT);
+    }
     __syncthreads();
-    if constexpr (QUANT) {
+    if constexpr (QUANT && !NQ) {
         const __half* qn = reinterpret_cast<const __half*>(Qn);
         const auto q_at = [&](int r, int ch) {  // channel ch of row r in the lanes' layout
             return __half2float(qn[((r * 4 + ch / (D / 4)) * QW<D> + (ch % (D / 4)) / 2) * 2 + (ch & 1)]);
@@ -176,7 +185,47 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     };
 
     if (sk_a < sk_z) dense(sink_k + sink_off, sink_v + sink_off, D, info.sinks, sk_a, sk_z, false);
-    if constexpr (QUANT) if (qa < qz) {  // quantized chunks, NG groups of 16 keys per step
+    if constexpr (NQ) if (qa < qz) {  // nqkv chunks: fp16 values from the tables, then as fp16 keys, NG groups a step
+        const unsigned char* lut_k = smem + L::NL + nq_lane_slot<KB>(lane);
+        const unsigned char* lut_v = smem + L::NL + (VB != KB ? NQ_TABLE : 0) + nq_lane_slot<VB>(lane);
+        const int bsd = min(bs, D), nb = D / bsd;  // token-axis blocks never exceed head_dim
+        using NStep = NQStep<D, KB, VB, NG>;
+        uint32_t bf[NK][2];
+        q_fragments<D>(bf, Qn);
+        const auto nq_step = [&](const NStep& cur, NStep& nxt, int ct) {
+            if (ct + STEP < qz) nxt.load(row0 + ct + STEP, kc, vc, ks, vs, nb, cq * (D / 4) / bsd, gq * (D / 8) / bsd);
+            float s[NG][4];
+#pragma unroll
+            for (int gi = 0; gi < NG; ++gi) {
+                Raw<D / 2> kv[2];
+#pragma unroll
+                for (int j = 0; j < 2; ++j) nq_values<KB, NStep::KBY>(kv[j].w, cur.k[gi][j].w, lut_k, bcast_half(cur.ka[gi], j));
+                s[gi][0] = s[gi][1] = s[gi][2] = s[gi][3] = 0.0f;
+                dense_scores<D>(s[gi], kv, bf);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) s[gi][j] *= sl2;
+            }
+            acc.template probs<false>(s);
+#pragma unroll
+            for (int gi = 0; gi < NG; ++gi) {
+                acc.l[0] += s[gi][0] + s[gi][2];
+                acc.l[1] += s[gi][1] + s[gi][3];
+                Raw<D / 4> vv[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) nq_values<VB, NStep::VBY>(vv[j].w, cur.v[gi][j].w, lut_v, bcast_half(cur.va[gi][j / 2], j & 1));
+                uint32_t va[NK][4];
+                v_fragments<D, 16, D / 8>(va, vv[0].w, vv[2].w, vv[1].w, vv[3].w);
+                acc.pv(s[gi], va);
+            }
+        };
+        NStep A, Bs;
+        A.load(row0 + qa, kc, vc, ks, vs, nb, cq * (D / 4) / bsd, gq * (D / 8) / bsd);
+        for (int ct = qa; ct < qz; ct += 2 * STEP) {  // two named buffers: no register copies
+            nq_step(A, Bs, ct);
+            if (ct + STEP < qz) nq_step(Bs, A, ct + STEP);
+        }
+    }
+    if constexpr (QUANT && !NQ) if (qa < qz) {  // quantized chunks, NG groups of 16 keys per step
         uint32_t bk[NK][2];    // q * s_K * scale * log2(e), as the scores' B fragments
         float qm0 = 0.0f, qm1 = 0.0f;  // the scores' offsets (chunk_operands), rows r0, r1
         int chunk = -1;
@@ -349,4 +398,5 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
 DINST_D(DENSE, 16, 16)
 DINST_D(KIVI, 2, 2) DINST_D(KIVI, 4, 4) DINST_D(KIVI, 8, 8) DINST_G(KIVI, 8, 8, 1) DINST_D(KIVI, 2, 4) DINST_D(KIVI, 4, 2)
 DINST_D(PATTERN, 2, 2) DINST_D(PATTERN, 4, 4) DINST_D(PATTERN, 2, 4)
+DINST_D(NQKV_TOKEN, 2, 2) DINST_D(NQKV_TOKEN, 4, 4) DINST_D(NQKV_TOKEN, 2, 4) DINST_D(NQKV_TOKEN, 4, 2)
 #endif

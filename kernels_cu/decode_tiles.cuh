@@ -19,6 +19,9 @@ constexpr int QW = D / 8 + 4;
 template <int D>
 constexpr int MO_LD = D + 4;  // floats per row of the warps' outputs in shared memory (padded: fewer bank conflicts)
 
+// Bytes of one nqkv lookup table: 256 entries (a byte of codes) x 128 (decode_nq.cuh).
+constexpr int NQ_TABLE = 256 * 128;
+
 // DW warps per block: 4 (2 blocks per SM) or 8 (1 block per SM, half the blocks, so half the
 // pattern-table reads and the splits to merge; patternkv's histograms then need ~125 KB).
 template <int D, int DW>
@@ -35,6 +38,8 @@ struct DLayout {  // shared memory regions (bytes), 128-byte aligned; mirrored i
     static constexpr int QC = MS + al((3 * DW * NR + DW + NR + 1) * 4);  // patternkv: (mp, NR) q . C_K, log2-scaled
     __host__ __device__ static constexpr int HI(int mp) { return QC + al(NR * mp * 4); }   // patternkv: (DW, mp, NR) uint32 sums of p
     __host__ __device__ static constexpr int bytes(bool pat, int mp) { return pat ? HI(mp) + al(DW * mp * NR * 4) : QC; }
+    static constexpr int NL = QC;  // nqkv: its lookup tables (decode_nq.cuh), K's then V's if other bits
+    __host__ __device__ static constexpr int bytes_nq(int tables) { return NL + tables * NQ_TABLE; }
 };
 
 // The shift s of the V codes in channel block mb of v_fragments' output: the run's channel n = w E

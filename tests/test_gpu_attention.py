@@ -15,7 +15,7 @@ SPECS = ["fp16", "kivi:2", "kivi:3,vbits=4", "kivi:4,sink=3", "kivi:8", "nqkv:2"
          "patternkv:2", "patternkv:3,sink=5,r=192", "patternkv:2,mmax=33,g=64,r=64", "patternkv:4,vbits=2,sink=2"]
 # what decode.cu takes (steps of <= 8 query rows per kv head); the rest run attention.cu
 DECODE_SPECS = ["fp16", "kivi:2", "kivi:4,sink=3", "kivi:8", "patternkv:2", "patternkv:2,mmax=33,g=64,r=64",
-                "patternkv:4,vbits=2,sink=2"]
+                "patternkv:4,vbits=2,sink=2", "nqkv:2", "nqkv:4", "nqkv:4,vbits=2,bs=32,sink=3"]
 
 
 def structured(rng, B, Hkv, T, D):
@@ -120,6 +120,7 @@ def test_decode_steps_both_kernels(spec, D, H, Hkv, step, decode, warps):
     cache, q, k, v = build(spec, 2, H, Hkv, D, [1500, 611], step, seed=D + step, growth=4.0)
     cache.fused = FusedAttention(get_backend("cuda").xp, D, decode=decode, warps=warps)
     got = getattr(cache, "_attend", cache.attend)(0, q).get().astype(np.float64)
+    assert {key[3] == 0 for key in cache.fused._kernels} == {decode}  # decode.cu ran (rows 0), or only attention.cu
     want = exact(cache, q, k, v)
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"{spec} D={D} H={H}/{Hkv} step={step} decode={decode} warps={warps}: rel err {err:.1e}")

@@ -93,11 +93,14 @@ def test_decode_smem_bytes_mirrors_the_kernel_layout(tmp_path):
     from minikv.cuda.attention import DECODE_WARPS, decode_smem_bytes
 
     cases = [(D, w, pat, mp) for D in (64, 128) for w in DECODE_WARPS for pat in (0, 1) for mp in (64, 256)]
+    nq = [(D, w, t) for D in (64, 128) for w in DECODE_WARPS for t in (1, 2)]  # nqkv's lookup tables
     body = "".join(f'    printf("%d\\n", minikv::DLayout<{D}, {w}>::bytes({pat}, {mp}));\n' for D, w, pat, mp in cases)
+    body += "".join(f'    printf("%d\\n", minikv::DLayout<{D}, {w}>::bytes_nq({t}));\n' for D, w, t in nq)
     src = tmp_path / "layout.cu"
     src.write_text(f'#include <cstdio>\n#include "decode_tiles.cuh"\nint main() {{\n{body}    return 0;\n}}\n')
     exe = tmp_path / "layout"
     r = subprocess.run([nvcc, "-std=c++17", f"-I{KERNELS}", str(src), "-o", str(exe)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     got = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
-    assert got == [decode_smem_bytes(D, bool(pat), mp, w) for D, w, pat, mp in cases]
+    assert got == ([decode_smem_bytes(D, bool(pat), mp, w) for D, w, pat, mp in cases]
+                   + [decode_smem_bytes(D, False, 0, w, t) for D, w, t in nq])

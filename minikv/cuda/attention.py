@@ -2,8 +2,9 @@
 chunks | window | this step), split across thread blocks along the keys; the splits are merged
 by a second launch (attend_reduce), or, in the decode kernel, by the last block of each kv head
 to finish. Steps with at most 8 query rows per kv head (decode) whose codes are 2, 4
-or 8 bits run kernels_cu/decode.cu (register-resident tiles); everything else (prefill, chunked
-scoring, 3-bit and nqkv codes) runs kernels_cu/attention.cu (shared-memory tiles)."""
+or 8 bits (nqkv: 2 or 4, token-axis blocks) run kernels_cu/decode.cu (register-resident tiles);
+everything else (prefill, chunked scoring, 3-bit codes, nqkv with channel-axis K blocks) runs
+kernels_cu/attention.cu (shared-memory tiles)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,26 +27,30 @@ def smem_bytes(D: int, rows: int, mmax: int = 0) -> int:
 
 
 DECODE_WARPS, DECODE_ROWS = (8, 4), 8  # warps per block of the decode kernel (preferred first), query rows
-DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4)}
+DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4), "nqkv_token": (2, 4)}
+NQ_TABLE = 256 * 128  # bytes of one nqkv lookup table in decode.cu (decode_nq.cuh)
 
 
 def decode_variant(method: str, kb: int, vb: int) -> int:
     """16-key groups each warp of decode.cu's kernel loads a step ahead for a method: 4, unless
     its registers then spill (ptxas, head_dim 128: kivi with 4 + 4 bits or more, patternkv with
-    more than 2 + 2), which get 2, and kivi with 8 + 8 bits 1. tests/test_kernels_compile.py
-    checks that no variant picked here spills, with either block size."""
+    more than 2 + 2, nqkv always), which get 2, and kivi with 8 + 8 bits 1.
+    tests/test_kernels_compile.py checks that no variant picked here spills, with either block size."""
+    if method == "nqkv_token":
+        return 2
     if kb + vb <= (4 if method == "patternkv" else 6):
         return 4
     return 2 if kb + vb < 16 else 1
 
 
-def decode_smem_bytes(D: int, patterns: bool, mp: int, warps: int) -> int:
-    """Shared memory of attend_decode<D, ..., warps>: mirrors DLayout<D, DW>::bytes in decode_tiles.cuh."""
+def decode_smem_bytes(D: int, patterns: bool, mp: int, warps: int, nq_tables: int = 0) -> int:
+    """Shared memory of attend_decode<D, ..., warps>: mirrors DLayout<D, DW>::bytes in decode_tiles.cuh
+    (nq_tables: nqkv's lookup tables, 1 or 2, at DLayout::NL)."""
     al = lambda x: (x + 127) // 128 * 128  # noqa: E731
     W, R, ldm = warps, DECODE_ROWS, D + 4
     qc = (2 * al(32 * (D // 8 + 4) * 4) + al(W * 4 * D * 2) + al(W * R * ldm * 4)
           + al((3 * W * R + W + R + 1) * 4))
-    return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc
+    return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc + nq_tables * NQ_TABLE
 
 
 @dataclass
@@ -142,11 +147,14 @@ class FusedAttention:
         # patternkv's per-block tables hold as many patterns as the fullest sequence has
         mp = -(-int(np.max(rowinfo[:, 5])) // 64) * 64 if s.method == "patternkv" else 0
         ok_bits = DECODE_BITS.get(s.method, ())
-        if self.decode and g * T <= DECODE_ROWS and s.kbits in ok_bits and s.vbits in ok_bits:
+        # nqkv: a lane's run of a key's channels (D/4 of K, D/8 of V) must lie in one absmax block
+        ok_bs = s.method != "nqkv_token" or min(s.bs, D) % (D // 4) == 0
+        if self.decode and g * T <= DECODE_ROWS and s.kbits in ok_bits and s.vbits in ok_bits and ok_bs:
             pat = s.method == "patternkv"
-            warps = self.warps or next((w for w in DECODE_WARPS if decode_smem_bytes(D, pat, mp, w) <= self.smem_max),
+            nq = (1 + (s.kbits != s.vbits)) if s.method == "nqkv_token" else 0
+            warps = self.warps or next((w for w in DECODE_WARPS if decode_smem_bytes(D, pat, mp, w, nq) <= self.smem_max),
                                        DECODE_WARPS[-1])
-            rows, smem, threads = 0, decode_smem_bytes(D, pat, mp, warps), warps * 32
+            rows, smem, threads = 0, decode_smem_bytes(D, pat, mp, warps, nq), warps * 32
             row_tiles, min_tiles = 1, 2 * warps  # >= 2 tiles (128 keys) per warp
             if q.data.ptr % 16 or any(x % 16 for x in q.strides[:3]):
                 q = q.copy()  # a fresh, aligned buffer: the kernel reads q 8 halves at a time
