@@ -185,46 +185,7 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
     };
 
     if (sk_a < sk_z) dense(sink_k + sink_off, sink_v + sink_off, D, info.sinks, sk_a, sk_z, false);
-    if constexpr (NQ) if (qa < qz) {  // nqkv chunks: fp16 values from the tables, then as fp16 keys, NG groups a step
-        const unsigned char* lut_k = smem + L::NL + nq_lane_slot<KB>(lane);
-        const unsigned char* lut_v = smem + L::NL + (VB != KB ? NQ_TABLE : 0) + nq_lane_slot<VB>(lane);
-        const int bsd = min(bs, D), nb = D / bsd;  // token-axis blocks never exceed head_dim
-        using NStep = NQStep<D, KB, VB, NG>;
-        uint32_t bf[NK][2];
-        q_fragments<D>(bf, Qn);
-        const auto nq_step = [&](const NStep& cur, NStep& nxt, int ct) {
-            if (ct + STEP < qz) nxt.load(row0 + ct + STEP, kc, vc, ks, vs, nb, cq * (D / 4) / bsd, gq * (D / 8) / bsd);
-            float s[NG][4];
-#pragma unroll
-            for (int gi = 0; gi < NG; ++gi) {
-                Raw<D / 2> kv[2];
-#pragma unroll
-                for (int j = 0; j < 2; ++j) nq_values<KB, NStep::KBY>(kv[j].w, cur.k[gi][j].w, lut_k, bcast_half(cur.ka[gi], j));
-                s[gi][0] = s[gi][1] = s[gi][2] = s[gi][3] = 0.0f;
-                dense_scores<D>(s[gi], kv, bf);
-#pragma unroll
-                for (int j = 0; j < 4; ++j) s[gi][j] *= sl2;
-            }
-            acc.template probs<false>(s);
-#pragma unroll
-            for (int gi = 0; gi < NG; ++gi) {
-                acc.l[0] += s[gi][0] + s[gi][2];
-                acc.l[1] += s[gi][1] + s[gi][3];
-                Raw<D / 4> vv[4];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) nq_values<VB, NStep::VBY>(vv[j].w, cur.v[gi][j].w, lut_v, bcast_half(cur.va[gi][j / 2], j & 1));
-                uint32_t va[NK][4];
-                v_fragments<D, 16, D / 8>(va, vv[0].w, vv[2].w, vv[1].w, vv[3].w);
-                acc.pv(s[gi], va);
-            }
-        };
-        NStep A, Bs;
-        A.load(row0 + qa, kc, vc, ks, vs, nb, cq * (D / 4) / bsd, gq * (D / 8) / bsd);
-        for (int ct = qa; ct < qz; ct += 2 * STEP) {  // two named buffers: no register copies
-            nq_step(A, Bs, ct);
-            if (ct + STEP < qz) nq_step(Bs, A, ct + STEP);
-        }
-    }
+    if constexpr (NQ) if (qa < qz) nq_chunks<D, KB, VB, NG>(acc, smem + L::NL, Qn, row0, qa, qz, kc, vc, ks, vs, bs, sl2);
     if constexpr (QUANT && !NQ) if (qa < qz) {  // quantized chunks, NG groups of 16 keys per step
         uint32_t bk[NK][2];    // q * s_K * scale * log2(e), as the scores' B fragments
         float qm0 = 0.0f, qm1 = 0.0f;  // the scores' offsets (chunk_operands), rows r0, r1

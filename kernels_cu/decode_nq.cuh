@@ -94,4 +94,55 @@ struct NQStep {
 // half i of x in both halves
 __device__ __forceinline__ uint32_t bcast_half(uint32_t x, int i) { return prmt(x, 0u, i ? 0x3232u : 0x1010u); }
 
+// This warp's nqkv keys [qa, qz) (whole tiles) into acc: NG groups of 16 a step, loaded a step
+// ahead (two named buffers: no register copies), turned into fp16 values through the tables at
+// lut (K's, then V's if its codes have other bits), then scored and summed as fp16 keys.
+// row0: storage slot of the sequence's first chunk token; ka, va: the absmax (slots, D / bs).
+template <int D, int KB, int VB, int NG>
+__device__ __forceinline__ void nq_chunks(Acc<D>& acc, const unsigned char* lut, const uint32_t* Qn, long long row0,
+                                          int qa, int qz, const uint8_t* kc, const uint8_t* vc, const __half* ka,
+                                          const __half* va, int bs, float sl2) {
+    constexpr int NK = D / 16, STEP = 16 * NG;
+    using NStep = NQStep<D, KB, VB, NG>;
+    const int lane = threadIdx.x & 31, gq = lane >> 2, cq = lane & 3;
+    const unsigned char* lut_k = lut + nq_lane_slot<KB>(lane);
+    const unsigned char* lut_v = lut + (VB != KB ? NQ_TABLE : 0) + nq_lane_slot<VB>(lane);
+    const int bsd = min(bs, D), nb = D / bsd;  // token-axis blocks never exceed head_dim
+    const int kblk = cq * (D / 4) / bsd, vblk = gq * (D / 8) / bsd;  // the blocks of this lane's runs
+    uint32_t bf[NK][2];
+    q_fragments<D>(bf, Qn);
+    const auto step = [&](const NStep& cur, NStep& nxt, int ct) {
+        if (ct + STEP < qz) nxt.load(row0 + ct + STEP, kc, vc, ka, va, nb, kblk, vblk);
+        float s[NG][4];
+#pragma unroll
+        for (int gi = 0; gi < NG; ++gi) {
+            Raw<D / 2> kv[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) nq_values<KB, NStep::KBY>(kv[j].w, cur.k[gi][j].w, lut_k, bcast_half(cur.ka[gi], j));
+            s[gi][0] = s[gi][1] = s[gi][2] = s[gi][3] = 0.0f;
+            dense_scores<D>(s[gi], kv, bf);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s[gi][j] *= sl2;
+        }
+        acc.template probs<false>(s);
+#pragma unroll
+        for (int gi = 0; gi < NG; ++gi) {
+            acc.l[0] += s[gi][0] + s[gi][2];
+            acc.l[1] += s[gi][1] + s[gi][3];
+            Raw<D / 4> vv[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) nq_values<VB, NStep::VBY>(vv[j].w, cur.v[gi][j].w, lut_v, bcast_half(cur.va[gi][j / 2], j & 1));
+            uint32_t vf[NK][4];
+            v_fragments<D, 16, D / 8>(vf, vv[0].w, vv[2].w, vv[1].w, vv[3].w);
+            acc.pv(s[gi], vf);
+        }
+    };
+    NStep A, B;
+    A.load(row0 + qa, kc, vc, ka, va, nb, kblk, vblk);
+    for (int ct = qa; ct < qz; ct += 2 * STEP) {
+        step(A, B, ct);
+        if (ct + STEP < qz) step(B, A, ct + STEP);
+    }
+}
+
 }  // namespace minikv
