@@ -104,3 +104,27 @@ def test_decode_smem_bytes_mirrors_the_kernel_layout(tmp_path):
     got = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
     assert got == ([decode_smem_bytes(D, bool(pat), mp, w) for D, w, pat, mp in cases]
                    + [decode_smem_bytes(D, False, 0, w, t) for D, w, t in nq])
+
+
+def test_decode_timeline_instruments_the_current_kernel(tmp_path):
+    """bench/decode_timeline.py edits a copy of decode.cu at fixed anchors: they must all still be
+    there, and the instrumented kernel must compile."""
+    import sys
+
+    sys.path.insert(0, str(KERNELS.parent / "bench"))
+    try:
+        from decode_timeline import instrument
+    finally:
+        sys.path.pop(0)
+    code = instrument((KERNELS / "decode.cu").read_text())
+    assert len(re.findall(r"dbg\[[^]]*\] = ", code)) == 13  # every phase boundary stamped
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("nvcc is not on PATH in CI")
+        pytest.skip("nvcc is not installed")
+    src = tmp_path / "timeline.cu"
+    src.write_text(code + "\ntemplate __global__ void attend_decode<128, 1, 2, 2, 4, 8>(MINIKV_ATTEND_PARAMS, __half*, int*);\n")
+    r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-std=c++17", f"-I{KERNELS}", str(src), "-o", str(tmp_path / "t.ptx")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
