@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from kernels import filled_cache
+from kernels import filled_cache, step_inputs
 
 GT = 'unsigned long long g_; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g_));'
 ROW = 32  # u64 slots per block: 0 start (ns), 1 SM, 2 prologue, 3..10 warps' keys done, 11 part written,
@@ -85,8 +85,7 @@ def main():
     for cfg in sys.argv[1:] or ["kivi:2,1,32768"]:
         spec, B, ctx = cfg.split(",")[0], int(cfg.split(",")[1]), int(cfg.split(",")[2])
         cache = filled_cache(spec, B, ctx, be)
-        q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
-        k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
+        q, k = step_inputs(cp, B)
         cache.begin_step([1] * B)
         cache.update(0, k, k)
         f = cache.fused

@@ -132,6 +132,14 @@ def cold_layers(cp, nbytes) -> int:
     return int(min(16, max(1, -(-4 * l2 // nbytes))))
 
 
+def step_inputs(cp, B):
+    """One decode step's q (B, 32, 1, 128) and new k (= v) (B, 8, 1, 128), fp16, fixed seeds: the
+    shape every decode benchmark here uses (32 query / 8 kv heads, head_dim 128)."""
+    q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
+    k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
+    return q, k
+
+
 def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None, keys_per_pattern=None,
                   min_keys=None):
     """(step seconds, kernel seconds, bytes) of one decode step's attention over ctx tokens (the
@@ -146,8 +154,7 @@ def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None,
             cache.fused.keys_per_pattern = keys_per_pattern
         if min_keys is not None:
             cache.fused.min_keys = min_keys
-    q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
-    k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
+    q, k = step_inputs(cp, B)
 
     attend = getattr(cache, "_attend", cache.attend)  # attention only: no commit, no flush
 
