@@ -17,6 +17,16 @@ ARCHS = ["sm_80", "sm_86", "sm_89", "sm_90"]
 KERNEL_DEF = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)")
 
 
+def nvcc_or_skip() -> str:
+    """nvcc's path; the test skips without it, except in CI, which must have it."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("nvcc is not on PATH in CI")
+        pytest.skip("nvcc is not installed")
+    return nvcc
+
+
 def test_there_are_sources():
     names = {p.name for p in SOURCES}
     assert {"ops.cu", "attention.cu"} <= names
@@ -25,11 +35,7 @@ def test_there_are_sources():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("src", SOURCES, ids=[p.name for p in SOURCES])
 def test_compiles(src, arch, tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nvcc is not on PATH in CI")
-        pytest.skip("nvcc is not installed")
+    nvcc = nvcc_or_skip()
     r = subprocess.run([nvcc, f"-arch={arch}", "-ptx", "-std=c++17", f"-I{KERNELS}", "-DMINIKV_INSTANTIATE_ALL",
                         str(src), "-o", str(tmp_path / "out.ptx")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -45,11 +51,7 @@ def test_compiles(src, arch, tmp_path):
 def test_decode_variants_do_not_spill(tmp_path):
     """Every decode kernel variant the wrapper picks (decode_variant, either block size) keeps its
     state in registers on sm_90: a spill would put local-memory traffic on every key of the hot loop."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nvcc is not on PATH in CI")
-        pytest.skip("nvcc is not installed")
+    nvcc = nvcc_or_skip()
     from minikv.cuda.attention import DECODE_BITS, DECODE_WARPS, METHODS, decode_variant
 
     lines, names = ['#include "decode.cu"'], []
@@ -85,11 +87,7 @@ def test_decode_variants_do_not_spill(tmp_path):
 def test_decode_smem_bytes_mirrors_the_kernel_layout(tmp_path):
     """cuda/attention.py sizes the decode kernel's shared memory (decode_smem_bytes) by mirroring
     DLayout in decode_tiles.cuh: a host program built from the header prints the kernel's sizes."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nvcc is not on PATH in CI")
-        pytest.skip("nvcc is not installed")
+    nvcc = nvcc_or_skip()
     from minikv.cuda.attention import DECODE_WARPS, decode_smem_bytes
 
     cases = [(D, w, pat, mp) for D in (64, 128) for w in DECODE_WARPS for pat in (0, 1) for mp in (64, 256)]
@@ -118,13 +116,32 @@ def test_decode_timeline_instruments_the_current_kernel(tmp_path):
         sys.path.pop(0)
     code = instrument((KERNELS / "decode.cu").read_text())
     assert len(re.findall(r"dbg\[[^]]*\] = ", code)) == 13  # every phase boundary stamped
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nvcc is not on PATH in CI")
-        pytest.skip("nvcc is not installed")
+    nvcc = nvcc_or_skip()
     src = tmp_path / "timeline.cu"
     src.write_text(code + "\ntemplate __global__ void attend_decode<128, 1, 2, 2, 4, 8>(MINIKV_ATTEND_PARAMS, __half*, int*);\n")
     r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-std=c++17", f"-I{KERNELS}", str(src), "-o", str(tmp_path / "t.ptx")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_bench_kernels_compile(tmp_path):
+    """The benchmarks' own kernels (bench/kernels.py's plain read, bench/decode_floor.py's split-K
+    floor in every configuration it times) compile: they are only built on the GPU machine."""
+    import sys
+
+    sys.path.insert(0, str(KERNELS.parent / "bench"))
+    try:
+        import decode_floor
+        import kernels
+    finally:
+        sys.path.pop(0)
+    nvcc = nvcc_or_skip()
+    cases = [("read", kernels._READ, [])]
+    cases += [(f"floor{t}_{u}", "#include <cuda_fp16.h>\n" + decode_floor._FLOOR, [f"-DFLOOR_THREADS={t}", f"-DFLOOR_U={u}"])
+              for t, u in decode_floor.FLOOR_CONFIGS]
+    for name, code, opts in cases:
+        src = tmp_path / f"{name}.cu"
+        src.write_text(code)
+        r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", *opts, str(src), "-o", str(tmp_path / f"{name}.ptx")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
