@@ -18,7 +18,7 @@ import argparse
 
 import numpy as np
 
-from kernels import cold_layers, copy_bandwidth, filled_cache, graph_time, plain_read_time, step_inputs
+from kernels import cold_buffers, copy_bandwidth, filled_cache, plain_read_time, replay_time, step_inputs
 
 _FLOOR = r"""
 extern "C" __global__ void __launch_bounds__(FLOOR_THREADS) split_floor(const uint4* __restrict__ p, long long per_head,
@@ -79,8 +79,8 @@ def floor_times(cp, nbytes: int, B: int, Hkv: int = 8) -> dict:
     over nbytes: the keys of each of the B * Hkv heads split over blocks per SM x SMs / (B Hkv)
     blocks (decode.cu: one block of 256 threads per SM)."""
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    per_head = -(-nbytes // (16 * B * Hkv))
-    bufs = [cp.zeros(per_head * B * Hkv * 4, dtype=np.uint32) for _ in range(cold_layers(cp, nbytes))]
+    per_head = -(-nbytes // (16 * B * Hkv))  # 16-byte words
+    bufs = cold_buffers(cp, per_head * B * Hkv * 16)
     out = cp.zeros(B * Hkv * 512, np.float16)
     counters = cp.zeros(B * Hkv, np.int32)
     times = {}
@@ -92,11 +92,8 @@ def floor_times(cp, nbytes: int, B: int, Hkv: int = 8) -> dict:
                 continue
             splits = max(1, per_sm * sms // (B * Hkv))
             part = cp.zeros(B * Hkv * splits * 512, np.float32)
-
-            def run():
-                for b in bufs:
-                    kern((splits, Hkv, B), (threads,), (b, np.int64(per_head), part, out, counters))
-            times[per_sm, threads, u] = graph_time(cp, run) / len(bufs)
+            times[per_sm, threads, u] = replay_time(
+                cp, bufs, lambda b: kern((splits, Hkv, B), (threads,), (b, np.int64(per_head), part, out, counters)))
     return times
 
 

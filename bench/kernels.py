@@ -47,17 +47,26 @@ def plain_read_time(cp, nbytes) -> float:
     """Seconds of the fastest single launch that reads nbytes (best of a few grid sizes), buffers
     rotated as in cold_layers so the bytes come from memory."""
     kernel = cp.RawKernel(_READ, "read_bytes")
-    n = -(-nbytes // 16)
-    bufs = [cp.zeros(n * 4, dtype=np.uint32) for _ in range(cold_layers(cp, nbytes))]
+    bufs = cold_buffers(cp, nbytes)
+    n = bufs[0].size // 4
     out = cp.zeros(1, dtype=np.uint32)
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    best = float("inf")
-    for blocks in (sms, 2 * sms, 4 * sms, 8 * sms):
-        def run():
-            for b in bufs:
-                kernel((blocks,), (256,), (b, np.int64(n), out))
-        best = min(best, graph_time(cp, run) / len(bufs))
-    return best
+    return min(replay_time(cp, bufs, lambda b: kernel((blocks,), (256,), (b, np.int64(n), out)))
+               for blocks in (sms, 2 * sms, 4 * sms, 8 * sms))
+
+
+def cold_buffers(cp, nbytes) -> list:
+    """Buffers of nbytes (rounded up to 16), as many as cold_layers gives: read in turn, each
+    comes from memory, not from the L2."""
+    return [cp.zeros(-(-nbytes // 16) * 4, dtype=np.uint32) for _ in range(cold_layers(cp, nbytes))]
+
+
+def replay_time(cp, bufs, launch) -> float:
+    """Seconds per launch(buffer), launched over bufs in turn (graph_time)."""
+    def run():
+        for b in bufs:
+            launch(b)
+    return graph_time(cp, run) / len(bufs)
 
 
 def timed(cp, fn, reps=20) -> float:
