@@ -145,3 +145,31 @@ def test_bench_kernels_compile(tmp_path):
         r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", *opts, str(src), "-o", str(tmp_path / f"{name}.ptx")],
                            capture_output=True, text=True)
         assert r.returncode == 0, (name, r.stderr[-3000:])
+
+
+def test_decode_parts_variants_apply_and_compile(tmp_path):
+    """bench/decode_parts.py edits decode.cu and its headers at fixed anchors: each variant must
+    still find them, and the kernels it builds must compile."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(KERNELS.parent / "bench"))
+    try:
+        import decode_parts
+    finally:
+        sys.path.pop(0)
+    orig = {f: f.read_text() for f in (decode_parts.SRC, decode_parts.PAT, decode_parts.STEPS)}
+    nvcc = nvcc_or_skip()
+    for name in decode_parts.VARIANTS:
+        src = decode_parts.edited(name, orig)
+        assert name == "whole" or src != orig, name
+        d = tmp_path / name
+        shutil.copytree(KERNELS, d)
+        for f, text in src.items():
+            (d / f.name).write_text(text)
+        m = "PATTERN" if decode_parts.VARIANTS[name][0] else "KIVI"
+        (d / "v.cu").write_text((d / "decode.cu").read_text()
+                                + f"\ntemplate __global__ void attend_decode<128, {m}, 2, 2, 4, 8>(MINIKV_ATTEND_PARAMS, __half*, int*);\n")
+        r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-std=c++17", f"-I{d}", str(d / "v.cu"), "-o", str(d / "v.ptx")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
