@@ -76,22 +76,31 @@ def main():
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--matmul", nargs="+", default=["gemv"], choices=["gemv", "cublas"],
+                    help="decode matmuls through gemv.cu (as minikv runs) or all through cuBLAS, to compare")
     args = ap.parse_args()
     backend = get_backend(args.device)
     bw = copy_bandwidth(backend) if backend.is_gpu else float("nan")
     print(f"device {backend.name}, copy bandwidth {bw:.0f} GB/s")
-    print(f"{'model':14} {'kv':12} {'batch':>5} {'ctx':>7} {'prefill tok/s':>13} {'decode ms/tok':>13} "
+    print(f"{'model':14} {'kv':12} {'matmul':6} {'batch':>5} {'ctx':>7} {'prefill tok/s':>13} {'decode ms/tok':>13} "
           f"{'weights GB':>10} {'KV GB':>7} {'GB/s':>7} {'% copy':>6}")
+    if backend.is_gpu:
+        from minikv.cuda import ops as cuda_ops
+
+        gemv_rows = cuda_ops.GEMV_ROWS
     for name in args.model:
         model = synthetic_model(name, backend)
         wb = weight_bytes(model)
         for kv in args.kv:
             for batch in args.batch:
                 for ctx in args.ctx:
-                    pf, dt, kvb = run(model, kv, ctx, batch, args.steps, backend)
-                    gbs = (wb + kvb) / dt / 1e9
-                    print(f"{name:14} {kv:12} {batch:5d} {ctx:7d} {pf:13.0f} {dt * 1e3:13.2f} "
-                          f"{wb / 1e9:10.2f} {kvb / 1e9:7.3f} {gbs:7.0f} {100 * gbs / bw:6.1f}")
+                    for mm in args.matmul:
+                        if backend.is_gpu:
+                            cuda_ops.GEMV_ROWS = 0 if mm == "cublas" else gemv_rows
+                        pf, dt, kvb = run(model, kv, ctx, batch, args.steps, backend)
+                        gbs = (wb + kvb) / dt / 1e9
+                        print(f"{name:14} {kv:12} {mm:6} {batch:5d} {ctx:7d} {pf:13.0f} {dt * 1e3:13.2f} "
+                              f"{wb / 1e9:10.2f} {kvb / 1e9:7.3f} {gbs:7.0f} {100 * gbs / bw:6.1f}")
         del model
 
 

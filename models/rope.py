@@ -49,7 +49,13 @@ class RopeStep:
 
     def __init__(self, rope: Rope, positions: np.ndarray):
         self.rope, self.positions, self.inv_freq = rope, positions, rope.inv_freq
-        self._tables = None
+        self._tables = self._device_positions = None
+
+    def device_positions(self):
+        """positions (B, T) as int32 on the device: one upload per forward, shared by every layer."""
+        if self._device_positions is None:
+            self._device_positions = self.rope.xp.asarray(np.ascontiguousarray(self.positions, dtype=np.int32))
+        return self._device_positions
 
     def cos_sin(self):
         """cos, sin (B, 1, T, D) float32 on the device."""

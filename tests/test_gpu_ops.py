@@ -84,3 +84,58 @@ def test_wrappers_check_their_arguments(ops):
         cu.rms_norm(x, cp.ones(64, np.float32), 1e-5, np.float16)  # weight must be fp16
     with pytest.raises(ValueError):
         cu.rms_norm(x, cp.ones(32, np.float16), 1e-5, np.float16)  # wrong length
+
+
+def _matmul_case(cp, M, K, N, bias, seed=3):
+    rng = cp.random.RandomState(seed)
+    x = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
+    w = (rng.standard_normal((N, K), dtype=np.float32) / np.sqrt(K)).astype(np.float16)
+    b = rng.standard_normal(N, dtype=np.float32).astype(np.float16) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K,N", [(8, 1), (64, 17), (576, 1536), (1000, 3), (4104, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_against_float64(ops, M, K, N, bias):
+    """gemv.cu rounds its float32 sum once to fp16 (then adds the fp16 bias, rounding again), as
+    cuBLAS does: within one fp16 rounding of each step of the exact result."""
+    cp, cu, _ = ops
+    x, w, b = _matmul_case(cp, M, K, N, bias)
+    got = cu.gemv(x, w, b).get().astype(np.float64)
+    prod = x.get().astype(np.float64) @ w.get().astype(np.float64).T
+    want = prod + (b.get().astype(np.float64) if bias else 0.0)
+    tol = 2.0 ** -11 * (np.abs(prod) + np.abs(want)) * 1.01 + 1e-6 * np.sqrt(K)  # two half-ulp roundings + float32 sums
+    assert got.shape == (M, N) and (np.abs(got - want) <= tol).all(), np.abs(got - want).max()
+
+
+def test_linear_takes_gemv_for_decode_rows_and_cublas_beyond(ops):
+    """CudaOps.linear runs gemv for up to GEMV_ROWS rows (any leading shape) and cuBLAS otherwise;
+    both agree with ArrayOps.linear within fp16 rounding."""
+    cp, cu, ref = ops
+    from minikv.cuda.ops import GEMV_ROWS
+
+    calls = []
+    gemv = cu.gemv
+    cu.gemv = lambda *a: calls.append(a[0].shape) or gemv(*a)
+    try:
+        for shape, K, bias in [((1, 1), 576, True), ((2, 4), 64, False), ((GEMV_ROWS + 1, 1), 64, False), ((1, 3), 60, False)]:
+            x, w, b = _matmul_case(cp, int(np.prod(shape)), K, 40, bias)
+            x = x.reshape(*shape, K)
+            ulp_close(cu.linear(x, w, b), ref.linear(x, w, b), ulps=2)
+    finally:
+        cu.gemv = gemv
+    assert calls == [(1, 576), (8, 64)]  # 9 rows and K = 60 went to cuBLAS
+
+
+def test_gemv_checks_its_arguments(ops):
+    cp, cu, _ = ops
+    x, w, _ = _matmul_case(cp, 2, 64, 8, False)
+    with pytest.raises(ValueError):
+        cu.gemv(cp.ones((9, 64), np.float16), w)  # too many rows
+    with pytest.raises(ValueError):
+        cu.gemv(x, cp.ones((8, 32), np.float16))  # K differs
+    with pytest.raises(TypeError):
+        cu.gemv(x, w, cp.ones(8, np.float32))  # bias must be fp16
+    with pytest.raises(ValueError):
+        cu.gemv(x[:, 4:].copy()[:, :56], w[:, :56].copy())  # not C-contiguous (a column slice)

@@ -8,6 +8,7 @@ from ..ops import ArrayOps
 from .module import check, f32, i32, kernel
 
 _THREADS = 256
+GEMV_ROWS = 8  # matmuls of at most this many rows (a decode step's tokens) run gemv.cu, more go to cuBLAS
 
 
 def _row_threads(C: int) -> int:
@@ -19,6 +20,36 @@ class CudaOps(ArrayOps):
     def __init__(self, cp):
         super().__init__(cp)
         self._k = {n: kernel("ops", n) for n in ("rms_norm", "add_rms_norm", "rope_qkv", "swiglu", "embed", "gather_rows")}
+        self._gemv: dict = {}  # rows -> gemv<rows>, compiled on first use
+
+    def linear(self, x, w, b=None):
+        K = x.shape[-1]
+        M = x.size // K if K else 0
+        if (not 1 <= M <= GEMV_ROWS or K % 8 or x.dtype != np.float16 or w.dtype != np.float16
+                or not x.flags.c_contiguous or not w.flags.c_contiguous or x.data.ptr % 16 or w.data.ptr % 16
+                or (b is not None and (b.dtype != np.float16 or not b.flags.c_contiguous))):
+            return super().linear(x, w, b)
+        return self.gemv(x.reshape(M, K), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+    def gemv(self, x, w, b=None):
+        """x (M, K) @ w (N, K).T (+ b) for M <= GEMV_ROWS rows: fp16, K a multiple of 8, rows
+        16-byte aligned. Rounds as ArrayOps.linear: the product to fp16, then the bias added."""
+        M, K = x.shape
+        check("gemv x", x, np.float16)
+        check("gemv w", w, np.float16, (None, K))
+        if not 1 <= M <= GEMV_ROWS or K % 8 or x.data.ptr % 16 or w.data.ptr % 16:
+            raise ValueError(f"gemv: needs 1..{GEMV_ROWS} rows, K a multiple of 8 and 16-byte aligned rows, "
+                             f"got x {x.shape}, w {w.shape}")
+        N = w.shape[0]
+        if b is not None:
+            check("gemv bias", b, np.float16, (N,))
+        if M not in self._gemv:
+            self._gemv[M] = kernel("gemv", f"gemv<{M}>")
+        y = self.xp.empty((M, N), np.float16)
+        rows_per_block = 8 * (4 if M >= 4 else 2)  # 8 warps of gemv.cu's gemv_rows<M>() rows each
+        self._gemv[M](((N + rows_per_block - 1) // rows_per_block,), (_THREADS,),
+                      (x, w, b if b is not None else np.uint64(0), y, i32(N), i32(K)))
+        return y
 
     def rms_norm(self, x, w, eps, out_dtype):
         if x.dtype != np.float32 or not x.flags.c_contiguous or np.dtype(out_dtype) != np.float16:
@@ -58,7 +89,7 @@ class CudaOps(ArrayOps):
             return super().qkv_heads(qkv, rope_step, H, Hkv, D, q_norm, k_norm, eps)
         B, T, W = qkv.shape
         check("qkv", qkv, np.float16, (B, T, (H + 2 * Hkv) * D))
-        pos = self.xp.asarray(np.ascontiguousarray(rope_step.positions, dtype=np.int32))
+        pos = check("rope positions", rope_step.device_positions(), np.int32, (B, T))
         check("rope inv_freq", rope_step.inv_freq, np.float32, (D // 2,))
         n = B * T * (H + Hkv) * (D // 2)
         self._k["rope_qkv"](((n + _THREADS - 1) // _THREADS,), (_THREADS,),
