@@ -6,11 +6,6 @@
 #include "common.cuh"
 
 namespace {
-// Rows of W per warp, and 16-byte loads per lane per row and iteration: R U = 8 loads in flight.
-// More x rows reuse each W row more, so they take more rows of W per warp (measured on the H100,
-// bench/gemv.py: R = 4 is slower at one row, faster at eight).
-template <int M>
-__host__ __device__ constexpr int gemv_rows() { return M >= 4 ? 4 : 2; }
 
 // 8 products of fp16 pairs, summed in float32
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float s) {
@@ -27,11 +22,12 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float s) {
 }  // namespace
 
 // x (M, K), w (N, K), bias (N) or null, y (M, N): all contiguous fp16, K a multiple of 8 and
-// rows 16-byte aligned. Blocks of 256 threads: 8 warps, 8 R rows of W per block (gemv_rows).
-template <int M>
+// rows 16-byte aligned. R rows of W per warp (the wrapper picks it), U = 8 / R 16-byte loads per
+// lane per row and iteration: 8 loads in flight. Blocks of 256 threads: 8 R rows of W per block.
+template <int M, int R>
 __global__ void __launch_bounds__(256) gemv(const __half* __restrict__ x, const __half* __restrict__ w,
                                             const __half* __restrict__ bias, __half* __restrict__ y, int N, int K) {
-    constexpr int R = gemv_rows<M>(), U = 8 / R;
+    constexpr int U = 8 / R;
     const int lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * R;
     if (n0 >= N) return;  // warp-uniform
@@ -79,12 +75,12 @@ __global__ void __launch_bounds__(256) gemv(const __half* __restrict__ x, const 
 }
 
 #ifdef MINIKV_INSTANTIATE_ALL  // the CI compile check builds every variant the wrapper can ask for
-template __global__ void gemv<1>(const __half*, const __half*, const __half*, __half*, int, int);
-template __global__ void gemv<2>(const __half*, const __half*, const __half*, __half*, int, int);
-template __global__ void gemv<3>(const __half*, const __half*, const __half*, __half*, int, int);
-template __global__ void gemv<4>(const __half*, const __half*, const __half*, __half*, int, int);
-template __global__ void gemv<5>(const __half*, const __half*, const __half*, __half*, int, int);
-template __global__ void gemv<6>(const __half*, const __half*, const __half*, __half*, int, int);
-template __global__ void gemv<7>(const __half*, const __half*, const __half*, __half*, int, int);
-template __global__ void gemv<8>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<1, 2>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<2, 2>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<3, 2>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<4, 4>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<5, 4>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<6, 4>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<7, 4>(const __half*, const __half*, const __half*, __half*, int, int);
+template __global__ void gemv<8, 4>(const __half*, const __half*, const __half*, __half*, int, int);
 #endif

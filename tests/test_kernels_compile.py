@@ -173,3 +173,12 @@ def test_decode_parts_variants_apply_and_compile(tmp_path):
         r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-std=c++17", f"-I{d}", str(d / "v.cu"), "-o", str(d / "v.ptx")],
                            capture_output=True, text=True)
         assert r.returncode == 0, (name, r.stderr[-3000:])
+
+
+def test_gemv_instantiations_match_the_wrapper():
+    """The CI compile check builds gemv<M, R> for exactly the pairs CudaOps.gemv launches."""
+    from minikv.cuda.ops import GEMV_ROWS, _gemv_w_rows
+
+    built = {(int(m), int(r)) for m, r in re.findall(r"template __global__ void gemv<(\d+), (\d+)>",
+                                                     (KERNELS / "gemv.cu").read_text())}
+    assert built == {(m, _gemv_w_rows(m)) for m in range(1, GEMV_ROWS + 1)}

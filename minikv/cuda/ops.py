@@ -11,6 +11,13 @@ _THREADS = 256
 GEMV_ROWS = 8  # matmuls of at most this many rows (a decode step's tokens) run gemv.cu, more go to cuBLAS
 
 
+def _gemv_w_rows(M: int) -> int:
+    """Rows of W per warp of gemv.cu for M rows of x: more x rows reuse each W row more (H100,
+    bench/gemv.py: 4 is slower than 2 at one row, faster at eight). The CI compile check builds
+    the same pairs (gemv.cu's MINIKV_INSTANTIATE_ALL)."""
+    return 4 if M >= 4 else 2
+
+
 def _row_threads(C: int) -> int:
     """Threads for one row of C values: about two values each, whole warps, at most 1024."""
     return min(1024, max(32, (C // 2 + 31) // 32 * 32))
@@ -43,10 +50,11 @@ class CudaOps(ArrayOps):
         N = w.shape[0]
         if b is not None:
             check("gemv bias", b, np.float16, (N,))
+        R = _gemv_w_rows(M)
         if M not in self._gemv:
-            self._gemv[M] = kernel("gemv", f"gemv<{M}>")
+            self._gemv[M] = kernel("gemv", f"gemv<{M}, {R}>")
         y = self.xp.empty((M, N), np.float16)
-        rows_per_block = 8 * (4 if M >= 4 else 2)  # 8 warps of gemv.cu's gemv_rows<M>() rows each
+        rows_per_block = 8 * R  # 8 warps
         self._gemv[M](((N + rows_per_block - 1) // rows_per_block,), (_THREADS,),
                       (x, w, b if b is not None else np.uint64(0), y, i32(N), i32(K)))
         return y
