@@ -9,5 +9,5 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # torch is a test-only reference. Pin the CPU build: an unpinned `torch` resolves to a
 # multi-GB CUDA build. Skipped when a torch is already there (e.g. on the GPU machine).
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -c tests/constraints.txt -e ".[test]"
 exec "$VENV/bin/python" -m pytest -q "$@"
