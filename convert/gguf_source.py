@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from minikv.checkpoint import check_tensors
+from minikv.config import ModelConfig
 from minikv.errors import MinikvError
+from minikv.models import expected_tensors
 
 from .gguf_quants import SUPPORTED, dequantize
+from .gguf_reader import GGUFFile
 from .gguf_tokenizer import build_tokenizer_files, read_gguf_fields
 
 # general.architecture -> (HF model_type, HF architecture class, Q/K rows permuted?)
@@ -39,7 +43,7 @@ TENSOR_NAMES = {  # GGUF name (per-layer part after "blk.{i}.") -> HF name (afte
 # End-of-generation tokens llama.cpp also stops at, besides the declared EOS (by their text).
 EOG_TEXTS = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>",
              "<|eom_id|>", "</s>"}
-_CORRUPT = (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError, UnicodeDecodeError)
+_GGUF_NAMES = {hf: gguf for gguf, hf in TENSOR_NAMES.items()}
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -50,6 +54,12 @@ def hf_name(gguf_name: str) -> str | None:
     return TENSOR_NAMES.get(gguf_name)
 
 
+def gguf_name(hf: str) -> str:
+    """The inverse of `hf_name`."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
+    return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}" if m else _GGUF_NAMES[hf]
+
+
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's convert permute(): rows (head, pair, 2) -> (head, 2, pair)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -57,26 +67,17 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 class GGUFSource:
     def __init__(self, path: Path):
-        from gguf import GGUFReader
-
         self.path, self.name = path, path.name
-        try:
-            self.reader = GGUFReader(path)
-            self.fields = read_gguf_fields(self.reader)
-        except _CORRUPT as e:
-            raise MinikvError(f"{path}: not a readable GGUF file, corrupt or truncated ({e}); re-download it") from None
+        self.file = GGUFFile(path)  # raises MinikvError for a file it cannot read
+        self.fields = read_gguf_fields(self.file)
         arch = self.fields.get("general.architecture")
-        if arch not in ARCHITECTURES:
-            raise MinikvError(f"{path}: GGUF architecture {arch!r} is not supported; minikv converts "
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:
+            raise MinikvError(f"{path}: GGUF architecture {arch!r:.40} is not supported; minikv converts "
                               f"{', '.join(ARCHITECTURES)}")
         self.arch = arch
         self.model_type, self.hf_class, self.permuted = ARCHITECTURES[arch]
-        size = path.stat().st_size
         self.tensors = {}
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise MinikvError(f"{path}: tensor {t.name} runs past the end of the file (truncated "
-                                  "download?); re-download it")
+        for t in self.file.tensors.values():
             if t.tensor_type not in SUPPORTED:
                 raise MinikvError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which minikv "
                                   f"cannot dequantize; use a file with {', '.join(sorted(x.name for x in SUPPORTED))}")
@@ -88,7 +89,35 @@ class GGUFSource:
         self.config = self._config()
         if self.config["tie_word_embeddings"]:
             self.tensors.pop("lm_head.weight", None)
+        self.shapes = self._check_tensors()
+        self.tokenizer_files = self._tokenizer_files()
         self.default_dtype = "f16"
+
+    def _check_tensors(self) -> dict[str, tuple[int, ...]]:
+        """The tensors the config implies, {HF name: shape}, once the file is known to hold each
+        with that shape (compared in GGUF's names and dim order), before anything is written."""
+        cfg = ModelConfig.from_dict(self.config, source=f"{self.path} (its GGUF metadata)")
+        shapes = expected_tensors(cfg, len(self.file.tensors), self.path)
+        found = {t.name: t.shape[::-1] for t in self.file.tensors.values()}  # NumPy -> ggml order
+        check_tensors(found, {gguf_name(n): s[::-1] for n, s in shapes.items()}, self.path, "its GGUF metadata")
+        extra = sorted(set(self.tensors) - set(shapes))
+        if extra:
+            raise MinikvError(f"{self.path}: tensor {gguf_name(extra[0])} is not part of the model its GGUF "
+                              "metadata describes; the file is corrupt")
+        return shapes
+
+    def _tokenizer_files(self) -> dict[str, object]:
+        try:
+            return build_tokenizer_files(self.fields)
+        except MinikvError as e:
+            raise MinikvError(f"{self.path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception; only that type is handled
+            # a vocabulary it cannot build (a merge of tokens not in it) is a corrupt file; any
+            # subclass (TypeError, KeyError, ...) is a bug and propagates.
+            if type(e) is not Exception:
+                raise
+            raise MinikvError(f"{self.path}: its tokenizer metadata is inconsistent ({e}); the file is "
+                              "corrupt, re-download it") from None
 
     # -- config -------------------------------------------------------------------------------
     def _get(self, key, default=...):
@@ -97,24 +126,35 @@ class GGUFSource:
             raise MinikvError(f"{self.path}: GGUF metadata {self.arch}.{key} is missing; the file is incomplete")
         return v
 
+    def _positive(self, key, default=..., kind=int):
+        """A metadata number that must be a positive `kind` (int, or float also taking ints)."""
+        v = self._get(key, default)
+        if type(v) not in ((int,) if kind is int else (int, float)) or not 0 < v < math.inf:
+            raise MinikvError(f"{self.path}: GGUF metadata {self.arch}.{key} is {v!r:.40}, not a positive "
+                              f"{kind.__name__}; the file is corrupt")
+        return kind(v)
+
     def _config(self) -> dict:
-        if "model.embed_tokens.weight" not in self.tensors:
-            raise MinikvError(f"{self.path}: no token_embd.weight tensor; the file is incomplete")
-        n_head = int(self._get("attention.head_count"))
-        hidden = int(self._get("embedding_length"))
-        head_dim = int(self._get("attention.key_length", self._get("rope.dimension_count", hidden // n_head)))
-        theta = float(self._get("rope.freq_base", 10000.0))
+        embd = self.tensors.get("model.embed_tokens.weight")
+        if embd is None or len(embd.shape) != 2:
+            raise MinikvError(f"{self.path}: no 2-D token_embd.weight tensor; the file is incomplete or corrupt")
+        n_head = self._positive("attention.head_count")
+        hidden = self._positive("embedding_length")
+        head_dim = self._positive("attention.key_length", self._get("rope.dimension_count", hidden // n_head))
+        if head_dim % 2:
+            raise MinikvError(f"{self.path}: head dimension {head_dim} is odd; RoPE needs it even, the file is corrupt")
+        theta = self._positive("rope.freq_base", 10000.0, float)
         tok = self.fields.get("tokenizer.ggml.tokens") or []
         eos = self.fields.get("tokenizer.ggml.eos_token_id")
         eog = [i for i, t in enumerate(tok) if t in EOG_TEXTS and i != eos]
         cfg = {
             "architectures": [self.hf_class], "model_type": self.model_type,
-            "vocab_size": int(self.tensors["model.embed_tokens.weight"].shape[1]),
-            "hidden_size": hidden, "intermediate_size": int(self._get("feed_forward_length")),
-            "num_hidden_layers": int(self._get("block_count")), "num_attention_heads": n_head,
-            "num_key_value_heads": int(self._get("attention.head_count_kv", n_head)), "head_dim": head_dim,
-            "max_position_embeddings": int(self._get("context_length", 2048)),
-            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon", 1e-6)),
+            "vocab_size": embd.shape[0],
+            "hidden_size": hidden, "intermediate_size": self._positive("feed_forward_length"),
+            "num_hidden_layers": self._positive("block_count"), "num_attention_heads": n_head,
+            "num_key_value_heads": self._positive("attention.head_count_kv", n_head), "head_dim": head_dim,
+            "max_position_embeddings": self._positive("context_length", 2048),
+            "rms_norm_eps": self._positive("attention.layer_norm_rms_epsilon", 1e-6, float),
             "rope_theta": theta, "hidden_act": "silu",
             "tie_word_embeddings": "lm_head.weight" not in self.tensors,
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self.tensors,
@@ -132,22 +172,25 @@ class GGUFSource:
     def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:
         kind = self._get("rope.scaling.type", None)
         if kind == "linear":
-            return {"rope_type": "linear", "factor": float(self._get("rope.scaling.factor"))}
+            return {"rope_type": "linear", "factor": self._positive("rope.scaling.factor", kind=float)}
         if kind not in (None, "none"):
             raise MinikvError(f"{self.path}: rope scaling {kind!r} is not supported (linear and llama3 are)")
-        freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
+        freqs = self.file.tensors.get("rope_freqs.weight")
         if freqs is None:
             return None
-        factors = dequantize(freqs.data, freqs.tensor_type, (head_dim // 2,)).astype(np.float64)
+        if freqs.shape != (head_dim // 2,):
+            raise MinikvError(f"{self.path}: rope_freqs.weight has shape {list(freqs.shape)}, expected "
+                              f"[{head_dim // 2}]; the file is corrupt")
+        factors = dequantize(freqs.data, freqs.tensor_type, freqs.shape).astype(np.float64)
         return llama3_from_freq_factors(factors, head_dim, theta, self.path)
 
     # -- tensors ------------------------------------------------------------------------------
     def plan(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(int(s) for s in reversed(t.shape))) for n, t in self.tensors.items()]
+        return list(self.shapes.items())
 
     def tensor(self, name: str) -> np.ndarray:
         t = self.tensors[name]
-        w = dequantize(t.data, t.tensor_type, tuple(int(s) for s in reversed(t.shape)))
+        w = dequantize(t.data, t.tensor_type, self.shapes[name])
         if self.permuted and (".q_proj." in name or ".k_proj." in name):
             heads = self.config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"]
             w = unpermute_qk(w, heads)
@@ -158,13 +201,16 @@ class GGUFSource:
         eos = self.config["eos_token_id"]
         out = {"config.json": {**self.config, "torch_dtype": dtype_name},
                "generation_config.json": {"bos_token_id": self.config["bos_token_id"], "eos_token_id": eos}}
-        out.update(build_tokenizer_files(self.fields))
+        out.update(self.tokenizer_files)
         return out
 
 
 def llama3_from_freq_factors(factors: np.ndarray, head_dim: int, theta: float, path) -> dict:
     """Recover Llama 3.1's rope_scaling from llama.cpp's `rope_freqs` tensor (the per-frequency
     divisors its converter bakes in), then check that it reproduces the tensor exactly."""
+    if not (np.isfinite(factors).all() and factors.min() > 0):
+        raise MinikvError(f"{path}: its rope_freqs tensor holds non-finite or non-positive factors; "
+                          "the file is corrupt")
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
     wavelen = 2 * math.pi / inv
     factor = float(factors.max())

@@ -4,7 +4,7 @@ A GGUF carries no tokenizer.json, only llama.cpp's `tokenizer.ggml.*` keys: the 
 types, scores or merges, the special token ids and a pre-tokenizer *name*. This module turns those
 into the three JSON files `transformers.AutoTokenizer.from_pretrained(dir)` loads:
 
-    fields = read_gguf_fields(gguf.GGUFReader(path))
+    fields = read_gguf_fields(GGUFFile(path))  # convert/gguf_reader.py
     for name, obj in build_tokenizer_files(fields).items():
         json.dump(obj, open(out / name, "w"), ensure_ascii=False)
 
@@ -54,17 +54,36 @@ GPT2_PRE = {"gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "roberta-bpe", "mpt"
 # Anything else, "default" included (llama.cpp's own default regex differs), warns and uses GPT2_PRE's.
 
 
-def read_gguf_fields(reader) -> dict:
-    """Every metadata field of a `gguf.GGUFReader` as plain Python: str, int, float, bool, or lists."""
-    fields = {}
-    for name, field in reader.fields.items():
-        try:
-            fields[name] = field.contents()  # gguf >= 0.11: strings decoded, arrays as lists
-        except UnicodeDecodeError:  # a vocabulary holding a non-UTF-8 token: keep it, with U+FFFD
-            parts = [field.parts[i] for i in field.data]
-            strs = [bytes(p).decode("utf-8", errors="replace") for p in parts]
-            fields[name] = strs if len(field.types) > 1 else strs[0]
+# The tokenizer keys read below, with the type llama.cpp writes ([t]: a list of t). A file that
+# disagrees is corrupt; checking here lets the builders trust what they get.
+FIELD_TYPES = {
+    "tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str,
+    "tokenizer.ggml.tokens": [str], "tokenizer.ggml.merges": [str], "tokenizer.ggml.token_type": [int],
+    "tokenizer.ggml.scores": [float], "tokenizer.ggml.bos_token_id": int, "tokenizer.ggml.eos_token_id": int,
+    "tokenizer.ggml.unknown_token_id": int, "tokenizer.ggml.padding_token_id": int,
+    "tokenizer.ggml.add_bos_token": bool, "tokenizer.ggml.add_eos_token": bool,
+    "tokenizer.ggml.add_space_prefix": bool,
+}
+
+
+def read_gguf_fields(gguf_file) -> dict:
+    """Every metadata field of a `GGUFFile` (convert/gguf_reader.py) as plain Python: str, int,
+    float, bool, or lists (a non-UTF-8 token kept, with U+FFFD). Raises its MinikvError for a
+    corrupt file if a tokenizer key has another type than FIELD_TYPES says."""
+    fields = gguf_file.fields
+    for name, want in FIELD_TYPES.items():
+        if name in fields and not _has_type(fields[name], want):
+            what = f"list of {want[0].__name__}" if isinstance(want, list) else want.__name__
+            raise gguf_file.corrupt(f"metadata {name} is not a {what}")
+    if not all(" " in m for m in fields.get("tokenizer.ggml.merges", ())):
+        raise gguf_file.corrupt("a tokenizer.ggml.merges entry is not a pair 'a b'")
     return fields
+
+
+def _has_type(value, want) -> bool:
+    if isinstance(want, list):
+        return type(value) is list and all(type(v) is want[0] for v in value)
+    return type(value) is want
 
 
 def _bytes_to_unicode() -> dict[int, str]:

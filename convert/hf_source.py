@@ -10,7 +10,7 @@ from pathlib import Path
 from minikv.checkpoint import Checkpoint
 from minikv.config import ModelConfig
 from minikv.errors import MinikvError
-from minikv.models import ARCHITECTURES
+from minikv.models import expected_tensors
 
 # Files copied as they are (tokenizer, generation defaults, chat template, licence).
 COPIED = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -27,9 +27,8 @@ class HFSource:
             self.raw_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MinikvError(f"{path}/config.json: unreadable ({e})") from None
-        module, _ = ARCHITECTURES[cfg.model_type]
-        self.shapes = module.tensor_shapes(cfg)
         self.ckpt = Checkpoint(path)
+        self.shapes = expected_tensors(cfg, len(self.ckpt.files), path)
         self.ckpt.check(self.shapes)
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             raise MinikvError(f"{path}: no tokenizer.json or tokenizer.model to take along")

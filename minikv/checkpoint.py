@@ -13,6 +13,21 @@ from .safetensors_io import SafetensorsFile, bf16_bits_to_float32
 FP16_MAX = 65504.0
 
 
+def check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where,
+                  config: str = "config.json") -> None:
+    """Every expected tensor is in `found` (name -> shape) with the expected shape, or one clear
+    MinikvError; `config` names what the expected shapes were derived from."""
+    missing = [n for n in expected if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MinikvError(f"{where}: tensor {missing[0]} is missing{more}; the checkpoint is "
+                          f"incomplete or not of the architecture {config} names")
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise MinikvError(f"{where}: tensor {name} has shape {list(found[name])}, {config} implies "
+                              f"{list(shape)}; the checkpoint does not match its config")
+
+
 class Checkpoint:
     """All tensors of a model directory: `model.safetensors`, or shards listed by
     `model.safetensors.index.json`, or (failing both) every `*.safetensors` file in it."""
@@ -23,8 +38,11 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
                 raise MinikvError(f"{index}: corrupt index ({e}); re-download the checkpoint") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                raise MinikvError(f"{index}: corrupt index (weight_map is not a map of file names); "
+                                  "re-download the checkpoint")
             files = sorted(set(weight_map.values()))
         elif (self.dir / "model.safetensors").is_file():
             files = ["model.safetensors"]
@@ -43,16 +61,7 @@ class Checkpoint:
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Every expected tensor is present with the expected shape, or one clear error."""
-        missing = [n for n in expected if n not in self.files]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise MinikvError(f"{self.dir}: tensor {missing[0]} is missing{more}; the checkpoint is "
-                              "incomplete or not of the architecture config.json names")
-        for name, shape in expected.items():
-            got = self.files[name].shape(name)
-            if tuple(got) != tuple(shape):
-                raise MinikvError(f"{self.dir}: tensor {name} has shape {list(got)}, config.json implies "
-                                  f"{list(shape)}; the checkpoint does not match its config")
+        check_tensors({n: st.shape(n) for n, st in self.files.items()}, expected, self.dir)
 
     def load(self, name: str, backend: Backend):
         """One tensor, converted to the backend's dtype on the device (bf16 converted there)."""

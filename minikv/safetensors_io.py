@@ -19,11 +19,33 @@ from .errors import MinikvError
 _STORED = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024  # the reference library's limit
+_MAX_DIMS = 32  # NumPy 1's limit (2 allows 64); model tensors have at most 4
+
+
+def _is_size(x) -> bool:
+    """A JSON non-negative integer (the reference's usize): not a float, bool or string."""
+    return type(x) is int and x >= 0
+
+
+def _nbytes(shape: list[int], itemsize: int) -> int | None:
+    """prod(shape) * itemsize, or None if NumPy could not hold it: the product of the nonzero
+    dims (NumPy bounds an empty array's shape too) must stay below 2**63, which also stops the
+    reference's u64 overflow. Checked dim by dim, so 10**5 huge dims cost nothing."""
+    n = bound = itemsize
+    for d in shape:
+        n *= d
+        bound *= max(d, 1)
+        if bound >= 2**63:
+            return None
+    return n
 
 
 class SafetensorsFile:
-    """One memory-mapped .safetensors file: names, shapes, dtypes and raw tensor views."""
+    """One memory-mapped .safetensors file: names, shapes, dtypes and raw tensor views.
+
+    The header is checked as the reference `safetensors` library checks it, so a file it
+    rejects is rejected here too, and nothing it declares is allocated before that."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -39,29 +61,54 @@ class SafetensorsFile:
                 header = json.loads(f.read(n).decode("utf-8"))
         except OSError as e:
             raise MinikvError(f"{self.path}: cannot read ({e.strerror})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # bad UTF-8 or JSON, a 5000-digit number, [[[[...]]]]
             raise self._corrupt("header is not valid JSON") from None
         if not isinstance(header, dict):
             raise self._corrupt("header is not a JSON object")
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        if not (meta is None or isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise self._corrupt("__metadata__ is not a map of strings")
+        self.metadata: dict[str, str] = meta or {}
         self._data_start = 8 + n
-        data_size = size - self._data_start
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dt, shape, (lo, hi) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise self._corrupt(f"bad header entry for {name!r}") from None
-            if dt not in _STORED:
-                raise MinikvError(f"{self.path}: tensor {name!r} has dtype {dt}, which minikv cannot read")
-            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_STORED[dt]).itemsize
-            if hi - lo != want or lo < 0:
-                raise self._corrupt(f"tensor {name!r} has {hi - lo} bytes, expected {want}")
-            if hi > data_size:
-                raise self._corrupt(f"tensor {name!r} ends at byte {hi} but the data is {data_size} bytes "
-                                    "(truncated download?)")
-            self.entries[name] = (dt, shape, lo, hi)
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            name: self._entry(name, e) for name, e in header.items()}
+        self._check_layout(size - self._data_start)
         self._mm = None
+
+    def _entry(self, name: str, e) -> tuple[str, tuple[int, ...], int, int]:
+        """One header entry, checked on its own: (dtype, shape, begin, end)."""
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str):
+            raise self._corrupt(f"bad header entry for {name!r}")
+        dt, shape, offsets = e["dtype"], e.get("shape"), e.get("data_offsets")
+        if not (isinstance(shape, list) and all(map(_is_size, shape)) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(map(_is_size, offsets))):
+            raise self._corrupt(f"bad shape or data_offsets for {name!r}")
+        if dt not in _STORED:
+            raise MinikvError(f"{self.path}: tensor {name!r} has dtype {dt:.20}, which minikv cannot read")
+        if len(shape) > _MAX_DIMS:
+            raise MinikvError(f"{self.path}: tensor {name!r} has {len(shape)} dimensions, which minikv cannot read")
+        want = _nbytes(shape, np.dtype(_STORED[dt]).itemsize)
+        if want is None:
+            raise self._corrupt(f"tensor {name!r} has an impossibly large shape")
+        lo, hi = offsets
+        if hi < lo:
+            raise self._corrupt(f"tensor {name!r} has data_offsets {offsets} that end before they begin")
+        if hi - lo != want:
+            raise self._corrupt(f"tensor {name!r} has {hi - lo} bytes, expected {want}")
+        return dt, tuple(shape), lo, hi
+
+    def _check_layout(self, data_size: int) -> None:
+        """In offset order the tensors tile the data exactly: no overlap, no gap, no spare bytes."""
+        end = 0
+        for name, (_, _, lo, hi) in sorted(self.entries.items(), key=lambda kv: kv[1][2:]):
+            if lo != end:
+                what = "overlaps the one before it" if lo < end else f"leaves a gap of {lo - end} bytes before it"
+                raise self._corrupt(f"tensor {name!r} {what}")
+            end = hi
+        if end > data_size:
+            raise self._corrupt(f"tensors end at byte {end} but the data is {data_size} bytes (truncated download?)")
+        if end < data_size:
+            raise self._corrupt(f"{data_size - end} bytes after the last tensor belong to no tensor")
 
     def _corrupt(self, why: str) -> MinikvError:
         return MinikvError(f"{self.path}: corrupt or truncated safetensors file ({why}); "

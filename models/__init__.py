@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from minikv.backend import Backend
 from minikv.checkpoint import Checkpoint
@@ -20,8 +21,19 @@ ARCHITECTURES = {
 }
 
 
-def load_model(model_dir: str | Path, backend: Backend):
-    """Read config.json, check every tensor, and build the model on `backend`."""
+def expected_tensors(cfg: ModelConfig, n_tensors: int, where) -> dict[str, tuple[int, ...]]:
+    """{HF name: shape} of every tensor the config implies, for a file holding `n_tensors`: a
+    config claiming more layers than there are tensors is refused before the list is built
+    (a corrupt num_hidden_layers of 10**12 would otherwise take forever)."""
+    if cfg.num_hidden_layers > n_tensors:
+        raise MinikvError(f"{where}: the config says {cfg.num_hidden_layers} layers but the checkpoint holds "
+                          f"only {n_tensors} tensors; the files do not belong together or are corrupt")
+    return ARCHITECTURES[cfg.model_type][0].tensor_shapes(cfg)
+
+
+def load_model(model_dir: str | Path, backend: Backend, progress: Callable[[int, int], None] = lambda done, total: None):
+    """Read config.json, check every tensor, and build the model on `backend`.
+    `progress(bytes_loaded, bytes_total)` is called after each tensor."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise MinikvError(f"{model_dir}: no such file or directory")
@@ -29,7 +41,17 @@ def load_model(model_dir: str | Path, backend: Backend):
         hint = " (run `minikv convert` on it first)" if model_dir.suffix == ".gguf" else ""
         raise MinikvError(f"{model_dir}: not a model directory{hint}")
     cfg = ModelConfig.from_dir(model_dir)
-    module, cls = ARCHITECTURES[cfg.model_type]
     ckpt = Checkpoint(model_dir)
-    ckpt.check(module.tensor_shapes(cfg))
-    return cls(cfg, backend, lambda name: ckpt.load(name, backend))
+    shapes = expected_tensors(cfg, len(ckpt.files), model_dir)
+    ckpt.check(shapes)
+    size = {n: ckpt.files[n].raw(n).nbytes for n in shapes}  # views of the mapped files: nothing is read
+    total, done = sum(size.values()), 0
+
+    def get(name):
+        nonlocal done
+        t = ckpt.load(name, backend)
+        done += size[name]
+        progress(done, total)
+        return t
+
+    return ARCHITECTURES[cfg.model_type][1](cfg, backend, get)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from helpers import hf_logits, make_hf_model, minikv_logits, rel_err, save_hf_mo
 from minikv.backend import get_backend
 from minikv.cli.main import main
 from minikv.convert import convert
+from minikv.convert.gguf_reader import GGUFFile
 from minikv.errors import MinikvError
 from minikv.models import load_model
 from minikv.safetensors_io import SafetensorsFile
@@ -111,7 +113,7 @@ def test_conversion_errors(tmp_path, capsys):
     (tmp_path / "trunc.gguf").write_bytes(data[: len(data) - 1000])
     cases["trunc.gguf"] = "truncated"
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
-    cases["junk.gguf"] = "not a readable GGUF"
+    cases["junk.gguf"] = "corrupt or truncated GGUF file (version 4294967295 at byte 4"
     (tmp_path / "text.gguf").write_text("hello")
     cases["text.gguf"] = "not a GGUF file"
     write_gguf(hf, tmp_path / "q2k.gguf", "llama")
@@ -139,3 +141,125 @@ def test_unsupported_tensor_type_is_named(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(MinikvError, match="IQ2_XXS"):
         convert(tmp_path / "iq.gguf", tmp_path / "out")
+
+
+@pytest.mark.parametrize("tensor,change,match", [
+    ("blk.0.ffn_down.weight", None, "tensor blk.0.ffn_down.weight is missing"),
+    ("blk.0.ffn_down.weight", lambda a: a[:, :-32], "tensor blk.0.ffn_down.weight has shape [64, 64], its GGUF "
+                                                    "metadata implies [96, 64]"),
+    ("blk.0.attn_q_norm.weight", None, "tensor blk.0.attn_q_norm.weight is missing"),
+    ("blk.1.attn_v.weight", lambda a: a[:-8], "tensor blk.1.attn_v.weight has shape [64, 40]"),
+])
+def test_gguf_missing_or_misshapen_tensor_writes_nothing(tensor, change, match, tmp_path, capsys, monkeypatch):
+    import gguf
+
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def altered(self, name, arr, *args, **kw):  # write_gguf's tensors, one dropped or reshaped
+        if name == tensor and change is None:
+            return None
+        return add_tensor(self, name, change(arr) if name == tensor else arr, *args, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", altered)
+    src = write_gguf(make_hf_model("qwen3-qknorm", num_hidden_layers=2), tmp_path / "m.gguf", "qwen3")
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minikv: error: ") and err.count("\n") == 1 and match in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no destination, no partial directory
+
+
+def _s(b: bytes) -> bytes:
+    """A GGUF string: u64 length, bytes."""
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key: bytes, vtype: int, payload: bytes) -> bytes:
+    return _s(key) + struct.pack("<I", vtype) + payload
+
+
+def _info(name=b"token_embd.weight", dims=(32,), qtype=0, offset=0) -> bytes:
+    """A tensor info: name, n_dims, dims (ggml order), ggml type (0: F32), offset."""
+    return _s(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, qtype, offset)
+
+
+def _gguf(kvs=(), infos=(), version=3, counts=None, data=bytes(128)) -> bytes:
+    """A GGUF file from raw parts; `counts` (tensors, kvs) overrides the true ones."""
+    n_tensors, n_kv = counts or (len(infos), len(kvs))
+    head = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + b"".join(kvs) + b"".join(infos)
+    return head + bytes(-len(head) % 32) + data
+
+
+ARCH = _kv(b"general.architecture", 8, _s(b"llama"))  # bytes 24 to 69, after the header
+_NESTED = struct.pack("<IQ", 9, 1) * 4 + struct.pack("<IQ", 4, 0)  # arrays 5 deep around an empty one
+CORRUPT = {  # name: (file bytes, what the message says)
+    "string array of 2**40 items": (_gguf([ARCH, _kv(b"tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2**40))]),
+                                    "1099511627776 items of tokenizer.ggml.tokens at byte"),
+    "uint8 array of 2**62 items": (_gguf([ARCH, _kv(b"x", 9, struct.pack("<IQ", 0, 2**62))]),
+                                   "4611686018427387904 items"),
+    "kv count 2**40": (_gguf([ARCH], counts=(0, 2**40)), "1099511627776 metadata entries at byte 24"),
+    "tensor count 2**40": (_gguf([ARCH], counts=(2**40, 1)), "1099511627776 tensor infos"),
+    "truncated header": (b"GGUF" + struct.pack("<I", 3),
+                         "the tensor count at byte 8 needs 8 bytes, the file has 0 left"),
+    "string past the end": (_gguf([ARCH, _kv(b"x", 8, struct.pack("<Q", 10**6))]), "a string in x at byte"),
+    "repeated key": (_gguf([ARCH, ARCH]), "metadata key 'general.architecture' at byte 69 repeats an earlier one"),
+    "non-UTF-8 key": (_gguf([ARCH, _kv(b"\xff", 4, bytes(4))]), "a metadata key at byte 69 is not UTF-8"),
+    "unknown value type": (_gguf([ARCH, _kv(b"x", 13, bytes(4))]), "x at byte 78 has unknown value type 13"),
+    "unknown array item type": (_gguf([ARCH, _kv(b"x", 9, struct.pack("<IQ", 13, 0))]), "has item type 13"),
+    "arrays nested too deep": (_gguf([ARCH, _kv(b"x", 9, _NESTED)]), "nested more than 4 deep"),
+    "alignment not a power of two": (_gguf([ARCH, _kv(b"general.alignment", 4, struct.pack("<I", 48))]),
+                                     "general.alignment 48 is not a power of two"),
+    "alignment not a uint32": (_gguf([ARCH, _kv(b"general.alignment", 10, struct.pack("<Q", 32))]),
+                               "general.alignment at byte 69 is not a uint32"),
+    "version 4": (_gguf([ARCH], version=4), "version 4 at byte 4, minikv reads versions 2 and 3"),
+    "unknown ggml type": (_gguf([ARCH], [_info(qtype=1000)]),
+                          "token_embd.weight at byte 69 has unknown ggml type 1000"),
+    "quantized, no dims": (_gguf([ARCH], [_info(dims=(), qtype=8)]), "rows of 1 values, not whole Q8_0 blocks of 32"),
+    "row not whole blocks": (_gguf([ARCH], [_info(dims=(33, 2), qtype=8)]), "rows of 33 values"),
+    "five dims": (_gguf([ARCH], [_info(dims=(1,) * 5)]), "has 5 dimensions, more than 4"),
+    "non-UTF-8 tensor name": (_gguf([ARCH], [_info(name=b"\xc3(")]), "a tensor name at byte 69 is not UTF-8"),
+    "repeated tensor": (_gguf([ARCH], [_info(), _info(offset=32)]), "tensor token_embd.weight appears twice"),
+    "tensor past the end": (_gguf([ARCH], [_info(offset=64)]), "128 bytes at byte 192 run past the end of the file "
+                                                                "at byte 256"),
+    "tensor offset 2**64-1": (_gguf([ARCH], [_info(offset=2**64 - 1)]), "run past the end"),
+    "tokens not a list": (_gguf([ARCH, _kv(b"tokenizer.ggml.tokens", 8, _s(b"a"))]),
+                          "metadata tokenizer.ggml.tokens is not a list of str"),
+    "merge not a pair": (_gguf([ARCH, _kv(b"tokenizer.ggml.merges", 9, struct.pack("<IQ", 8, 1) + _s(b"ab"))]),
+                         "a tokenizer.ggml.merges entry is not a pair"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_corrupt_gguf_fails_at_once_saying_where(case, tmp_path):
+    data, detail = CORRUPT[case]
+    (tmp_path / "m.gguf").write_bytes(data)
+    with pytest.raises(MinikvError) as e:
+        convert(tmp_path / "m.gguf", tmp_path / "out")
+    assert str(e.value).startswith(f"{tmp_path / 'm.gguf'}: corrupt or truncated GGUF file (")
+    assert detail in str(e.value) and str(e.value).endswith("); re-download it"), str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("version,match", [(1, "GGUF version 1 .an old llama.cpp. is not supported"),
+                                           (3 << 24, "a big-endian GGUF file")])
+def test_gguf_v1_and_big_endian_are_refused(version, match, tmp_path):
+    (tmp_path / "m.gguf").write_bytes(_gguf([ARCH], version=version))
+    with pytest.raises(MinikvError, match=match):
+        convert(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_gguf_reader_values(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_array("x.nested", [[1, 2], [3]])  # gguf.GGUFReader flattens arrays of arrays; we keep them
+    w.add_string("x.latin1", b"caf\xe9")  # a value need not be UTF-8 (a key or tensor name must)
+    w.add_tensor("t", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    f = GGUFFile(tmp_path / "m.gguf")
+    assert f.fields == {"general.architecture": "llama", "x.nested": [[1, 2], [3]], "x.latin1": "caf\ufffd"}
+    t = f.tensors["t"]
+    assert (t.name, t.shape, t.tensor_type, t.data.size) == ("t", (2, 3), gguf.GGMLQuantizationType.F32, 24)
+    np.testing.assert_array_equal(t.data.view(np.float32), np.arange(6))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(MinikvError, match="corrupt or truncated GGUF file [(]it is empty[)]"):
+        GGUFFile(tmp_path / "empty.gguf")

@@ -1,5 +1,6 @@
 """minikv.convert.gguf_quants: our NumPy dequantization must equal the gguf package's
-reference (itself bit-exact with ggml-quants.c) bit for bit, on synthetic and real blocks."""
+reference (itself bit-exact with ggml-quants.c) bit for bit, on synthetic and real blocks;
+minikv.convert.gguf_reader must read what the gguf package's GGUFReader reads."""
 from __future__ import annotations
 
 import zlib
@@ -10,6 +11,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from minikv.convert.gguf_quants import SUPPORTED, dequantize
+from minikv.convert.gguf_reader import GGUFFile
 from minikv.errors import MinikvError
 
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -200,3 +202,56 @@ def test_real_gguf_tensors_match_gguf(smollm2_reader):
             assert np.isfinite(ours).all()
             checked += 1
     assert checked >= 7
+
+
+# --- our GGUF reader against the gguf package's GGUFReader -----------------------------------
+
+def _typed(v):
+    """v with the type of every scalar in it, so that 1 == 1.0 == True do not pass for each other."""
+    return [_typed(x) for x in v] if type(v) is list else (type(v), v)
+
+
+def assert_reader_matches_gguf(path, ref: gguf.GGUFReader) -> None:
+    """GGUFFile reads the fields (as plain Python, of the same types), tensor names, types,
+    shapes (ours in NumPy order) and bytes that `ref` reads from path."""
+    ours = GGUFFile(path)
+    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}  # its header
+    assert list(ours.fields) == list(want)
+    for key, value in want.items():
+        assert _typed(ours.fields[key]) == _typed(value), key
+    assert list(ours.tensors) == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.shape, mine.tensor_type) == (tuple(reversed(t.shape.tolist())), t.tensor_type), t.name
+        assert mine.data.dtype == np.uint8 and mine.data.ndim == 1 and not mine.data.flags.writeable
+        assert np.array_equal(mine.data, t.data.reshape(-1).view(np.uint8)), t.name
+
+
+def test_reader_matches_gguf_on_smollm2(smollm2_gguf, smollm2_reader):
+    assert_reader_matches_gguf(smollm2_gguf, smollm2_reader)
+
+
+def test_reader_matches_gguf_on_every_type(tmp_path):
+    V = gguf.GGUFValueType
+    path = tmp_path / "all.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_custom_alignment(64)
+    for vtype, value in [(V.UINT8, 255), (V.INT8, -128), (V.UINT16, 65535), (V.INT16, -3), (V.UINT32, 2**32 - 1),
+                         (V.INT32, -2**31), (V.FLOAT32, 1.5), (V.BOOL, True), (V.STRING, "héllo"),
+                         (V.UINT64, 2**64 - 1), (V.INT64, -2**63), (V.FLOAT64, 0.1)]:
+        w.add_key_value(f"x.{vtype.name.lower()}", value, vtype)
+        w.add_key_value(f"x.{vtype.name.lower()}s", [value, value, value], V.ARRAY, sub_type=vtype)
+    w.add_string("x.empty", "")
+    rng = np.random.default_rng(0)
+    w.add_tensor("scalar", np.float32(rng.normal()).reshape(()))
+    w.add_tensor("f32_3d", rng.normal(size=(2, 3, 5)).astype(np.float32))
+    w.add_tensor("f16", rng.normal(size=(3, 7)).astype(np.float16))
+    w.add_tensor("i32", np.arange(6, dtype=np.int32))
+    for qt in QUANT_TYPES:
+        shape = _shape(qt, (2, 2))
+        w.add_tensor(f"{qt.name}_2d", _random_blocks(qt, shape, 1).reshape(_byte_shape(qt, shape)), raw_dtype=qt)
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    ref = gguf.GGUFReader(path)
+    assert ref.alignment == 64
+    assert_reader_matches_gguf(path, ref)

@@ -11,6 +11,7 @@ import gguf
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
+from minikv.convert.gguf_reader import GGUFFile
 from minikv.convert.gguf_tokenizer import (DEVIATIONS, build_tokenizer_files, read_gguf_fields,
                                            write_tokenizer_files)
 from minikv.errors import MinikvError
@@ -71,7 +72,7 @@ def _hf_from_fields(tmp_path: Path, fields: dict):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf, tmp_path_factory):
-    fields = read_gguf_fields(gguf.GGUFReader(smollm2_gguf))
+    fields = read_gguf_fields(GGUFFile(smollm2_gguf))
     out = tmp_path_factory.mktemp("smol_tok")
     write_tokenizer_files(fields, out)
     hf = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
@@ -95,7 +96,7 @@ def test_read_gguf_fields_types_and_bad_utf8(tmp_path):
     w.add_uint32("x.id", 7)
     for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
         step()
-    fields = read_gguf_fields(gguf.GGUFReader(tmp_path / "t.gguf"))
+    fields = read_gguf_fields(GGUFFile(tmp_path / "t.gguf"))
     assert fields["tokenizer.ggml.tokens"] == ["a", "\ufffd\ufffd"] and fields["general.architecture"] == "llama"
     assert (fields["x.scores"], fields["x.flag"], fields["x.id"]) == ([1.5, -2.0], True, 7)
 
@@ -249,7 +250,7 @@ SPM_TEXTS = ["Hello  wörld, é ü 😀 and 123", "Emma Woodhouse, handsome,\ncl
 def test_spm_matches_transformers(tmp_path, spm_fields):
     hf = _hf_from_fields(tmp_path, spm_fields)
     ours = _write(spm_fields)
-    assert read_gguf_fields(gguf.GGUFReader(tmp_path / "ref.gguf"))["tokenizer.ggml.tokens"] == \
+    assert read_gguf_fields(GGUFFile(tmp_path / "ref.gguf"))["tokenizer.ggml.tokens"] == \
         spm_fields["tokenizer.ggml.tokens"]
     for text in SPM_TEXTS:
         for add_special in (True, False):
