@@ -53,13 +53,17 @@ def _cuda_available():
 DTYPES = ("auto", "float16", "float32")
 
 
-def get_backend(device: str = "auto", dtype: str = "auto") -> Backend:
+def get_backend(device: str = "auto", dtype: str = "auto", threads: int | None = None) -> Backend:
     """device: "auto" (GPU if CuPy sees one, else CPU), "cpu" or "cuda". dtype: the compute
     dtype, "auto" (float16 on the GPU, float32 on the CPU), "float16" (GPU only) or "float32".
     The GPU in float32 runs the model as the CPU does (array ops, reference attention; the
-    quantizers keep their kernels): slower, for checking numbers against the CPU."""
-    from .ops import ArrayOps
+    quantizers keep their kernels): slower, for checking numbers against the CPU.
+    threads: the CPU's BLAS threads (default: the physical cores; see cpu_threads)."""
+    from .cpu_threads import physical_cores
+    from .ops import CpuOps
 
+    if threads is not None and threads < 1:
+        raise MinikvError(f"--threads {threads}: use 1 or more (default: the {physical_cores()} physical cores)")
     if device not in ("auto", "cpu", "cuda"):
         raise MinikvError(f"unknown --device {device!r}: use auto, cpu or cuda")
     if dtype not in DTYPES:
@@ -76,4 +80,4 @@ def get_backend(device: str = "auto", dtype: str = "auto") -> Backend:
     if dtype == "float16":
         raise MinikvError("--dtype float16 needs a GPU (the CPU computes in float32); use --dtype float32 or auto")
     # CPU computes in float32 (NumPy has no fast fp16 matmul).
-    return Backend("cpu", np, np.dtype(np.float32), ArrayOps(np))
+    return Backend("cpu", np, np.dtype(np.float32), CpuOps(threads))

@@ -1,16 +1,26 @@
 """The model's elementwise/normalisation ops, written once against an array module.
 
-`ArrayOps(numpy)` is the CPU path and the oracle; on the GPU a subclass swaps in fused CUDA
-kernels for the hot ops. Matmuls go straight to `xp.matmul` (BLAS / cuBLAS).
+`ArrayOps(numpy)` is the oracle and `CpuOps` the CPU path (the same ops, with BLAS threads
+chosen per product); on the GPU a subclass swaps in fused CUDA kernels for the hot ops.
+Matmuls go straight to `xp.matmul` (BLAS / cuBLAS).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
+
+from .cpu_threads import BlasThreads
 
 
 class ArrayOps:
     def __init__(self, xp):
         self.xp = xp
+
+    def forward_pass(self, rows: int):
+        """A context around one forward pass of `rows` token rows (the CPU picks its BLAS
+        threads by it)."""
+        return nullcontext()
 
     def linear(self, x, w, b=None):
         """x (..., K) @ w(N, K).T (+ b) -> (..., N), in x's dtype (cuBLAS accumulates fp16 in fp32)."""
@@ -67,3 +77,14 @@ class ArrayOps:
         """residual += y, the float32 residual stream absorbing a branch output."""
         residual += y
         return residual
+
+
+class CpuOps(ArrayOps):
+    """NumPy ops whose forward passes run on the BLAS thread count chosen for each (cpu_threads)."""
+
+    def __init__(self, threads: int | None = None):
+        super().__init__(np)
+        self.blas = BlasThreads(threads)
+
+    def forward_pass(self, rows: int):
+        return self.blas.forward(rows)

@@ -115,17 +115,18 @@ class LlamaModel:
         n_new = np.full(B, T, dtype=np.int64) if n_new is None else np.asarray(n_new, dtype=np.int64)
         start = cache.begin_step(n_new)  # (B,) position of each row's first new token
         rope = self.rope.step(start[:, None] + np.arange(T)[None, :])
-        x = ops.embed(self.embed, tokens)  # (B, T, C) float32 residual stream
-        h = ops.rms_norm(x, self.layers[0].input_norm, eps, dt)
-        for i, layer in enumerate(self.layers):
-            # Residual adds are fused with the next RMSNorm: h is always norm(x) for what follows.
-            h = ops.add_rms_norm(x, self._attention(i, layer, h, cache, rope), layer.post_norm, eps, dt)
-            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            h = ops.add_rms_norm(x, self._mlp(layer, h), nxt, eps, dt)
-        cache.end_step()
-        if logits == "last":
-            h = h[self.xp.arange(B), self.xp.asarray(n_new - 1)]  # (B, C)
-        return ops.linear(h, self.lm_head).astype(np.float32)
+        with ops.forward_pass(B * T):
+            x = ops.embed(self.embed, tokens)  # (B, T, C) float32 residual stream
+            h = ops.rms_norm(x, self.layers[0].input_norm, eps, dt)
+            for i, layer in enumerate(self.layers):
+                # Residual adds are fused with the next RMSNorm: h is always norm(x) for what follows.
+                h = ops.add_rms_norm(x, self._attention(i, layer, h, cache, rope), layer.post_norm, eps, dt)
+                nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+                h = ops.add_rms_norm(x, self._mlp(layer, h), nxt, eps, dt)
+            cache.end_step()
+            if logits == "last":
+                h = h[self.xp.arange(B), self.xp.asarray(n_new - 1)]  # (B, C)
+            return ops.linear(h, self.lm_head).astype(np.float32)
 
     def _attention(self, i, L: Layer, h, cache, rope):
         """Self-attention branch of layer i on the normed input h (B, T, C) -> (B, T, C)."""
