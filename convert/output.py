@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from minikv.errors import MinikvError
+from minikv.progress import Progress
 from minikv.safetensors_io import SafetensorsWriter, float32_to_bf16_bits
 
 FORMAT_VERSION = "1"
@@ -51,13 +52,18 @@ def atomic_dir(dst: Path, force: bool):
     dst = dst.absolute()
     if dst.exists() and not force:
         raise MinikvError(f"{dst} already exists; pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{dst.name}.partial-"
-    for stale in dst.parent.glob(prefix + "*"):  # left by a conversion that was SIGKILLed
-        pid = stale.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=dst.parent))
+    if dst.exists() and not dst.is_dir():
+        raise MinikvError(f"{dst} is a file, not a model directory; choose another destination")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{dst.name}.partial-"
+        for stale in dst.parent.glob(prefix + "*"):  # left by a conversion that was SIGKILLed
+            pid = stale.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=dst.parent))
+    except OSError as e:
+        raise _unwritable(dst, e) from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the model directory gets normal permissions
@@ -71,16 +77,27 @@ def atomic_dir(dst: Path, force: bool):
         yield tmp
         if dst.exists():  # --force: swap, then drop the old one
             trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, trash / "x")
+            try:
+                os.replace(dst, trash / "x")
+            finally:
+                if not (trash / "x").exists():
+                    trash.rmdir()
             os.replace(tmp, dst)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, a directory made read-only or immutable meanwhile
+            raise _unwritable(dst, e) from None
         raise
     finally:
         signal.signal(signal.SIGTERM, old_term)
+
+
+def _unwritable(dst: Path, e: OSError) -> MinikvError:
+    return MinikvError(f"cannot write {dst}: {e.strerror or e}; choose a destination in a writable "
+                       "directory with free space")
 
 
 class WeightsWriter:
@@ -109,10 +126,7 @@ class WeightsWriter:
         self._shards, self._meta = shards, meta
         self._writers: dict[int, SafetensorsWriter] = {}
         self.clipped = 0
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
-                        disable=not sys.stderr.isatty(), leave=False)
+        self.bar = Progress(self.total, "converting", unit="B")
 
     def write(self, name: str, values: np.ndarray) -> None:
         """values: float32 (or float16) array; converted to the output dtype here."""
@@ -124,8 +138,7 @@ class WeightsWriter:
         bits, over = to_stored(values, self.dtype)
         self.clipped += over
         self._writers[i].write(name, bits)
-        self.bar.set_postfix_str(name, refresh=False)
-        self.bar.update(bits.nbytes)
+        self.bar.advance(bits.nbytes, name)
 
     def close(self) -> None:
         for w in self._writers.values():

@@ -10,6 +10,8 @@ from .errors import MinikvError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+POSITIVE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class ModelConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MinikvError(f"{path}: not valid JSON ({e}); the file is corrupt, re-download or re-convert it")
+        if not isinstance(data, dict):
+            raise MinikvError(f"{path}: not a model configuration (a JSON {type(data).__name__}, not an object); "
+                              "re-download or re-convert the model")
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -69,10 +74,15 @@ class ModelConfig:
         if act != "silu":
             raise MinikvError(f"{source}: hidden_act {act!r} is not supported (only silu)")
         try:
+            for key in POSITIVE_KEYS:
+                if d.get(key) is not None and (isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1):
+                    raise MinikvError(f"{source}: {key} is {d[key]!r}; it must be a positive integer")
             n_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
             n_kv = int(d.get("num_key_value_heads") or n_heads)
             head_dim = int(d.get("head_dim") or hidden // n_heads)
+            if head_dim < 1:
+                raise MinikvError(f"{source}: hidden_size {hidden} is smaller than num_attention_heads {n_heads}")
             if n_heads % n_kv:
                 raise MinikvError(f"{source}: num_attention_heads {n_heads} is not a multiple of "
                                   f"num_key_value_heads {n_kv}")

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import MinikvError
+from .errors import NON_FINITE, MinikvError
 from .kv import make_cache, parse_kv_spec
 from .sampler import Sampler, SamplingParams
 from .tokenizer import TextStream, Tokenizer
@@ -30,6 +30,13 @@ class Timings:
                 "prompt_tokens_per_s": rate(self.prompt_tokens, self.prompt_s),
                 "gen_tokens": self.gen_tokens, "gen_s": round(self.gen_s, 4),
                 "gen_tokens_per_s": rate(self.gen_tokens, self.gen_s)}
+
+    def add(self, other: "Timings") -> None:
+        """Accumulate another run's timings (a chat's turns)."""
+        self.prompt_tokens += other.prompt_tokens
+        self.prompt_s += other.prompt_s
+        self.gen_tokens += other.gen_tokens
+        self.gen_s += other.gen_s
 
     def summary(self) -> str:
         d = self.as_dict()
@@ -73,7 +80,11 @@ class Session:
         self.model, self.tok = model, tokenizer
         self.backend = model.backend
         cfg = model.cfg
-        ctx = ctx_size or min(cfg.max_position_embeddings, 4096)
+        ctx = min(cfg.max_position_embeddings, 4096) if ctx_size is None else ctx_size
+        if ctx < 0:
+            raise MinikvError(f"--ctx-size {ctx}: use a number of tokens, or 0 for the model's maximum "
+                              f"({cfg.max_position_embeddings})")
+        ctx = ctx or cfg.max_position_embeddings
         if ctx > cfg.max_position_embeddings:
             raise MinikvError(f"--ctx-size {ctx} exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings})")
@@ -132,6 +143,8 @@ class Session:
         res.stop_reason = "length"
         while max_tokens < 0 or len(res.token_ids) < max_tokens:
             token = int(sampler(logits, history))  # the one device -> host transfer per token
+            if token < 0:
+                raise MinikvError(NON_FINITE)
             if token in self.tok.eos_ids and not ignore_eos:
                 res.stop_reason = "eos"
                 break

@@ -6,10 +6,13 @@ quantizes the same numbers and the errors are comparable layer by layer.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from .errors import MinikvError
 from .kv import make_cache
 
 
@@ -61,10 +64,18 @@ def _chunk_range(x, G):
 
 
 def layer_stats(model, ids, specs: list[str], pattern_spec: str = "patternkv:2", prefill: int = 512,
-                per_head: bool = False) -> list[LayerStats]:
+                per_head: bool = False, progress=lambda: None) -> list[LayerStats]:
+    """`progress()` is called after each method's replay and each layer's statistics."""
     be, geom = model.backend, model.kv_geometry
     K, V = capture(model, ids)
-    caches = {s: replay(s, K, V, geom, be, prefill) for s in dict.fromkeys([pattern_spec, *specs])}
+    caches = {}
+    for s in dict.fromkeys([pattern_spec, *specs]):
+        caches[s] = c = replay(s, K, V, geom, be, prefill)
+        if int(c.n_chunks[0]) == 0:
+            raise MinikvError(f"--kv {s} quantized none of the {len(ids)} tokens (it keeps the first {c.S} as "
+                              f"sinks and the newest {c.flush_at} in fp16, then quantizes {c.G} at a time); "
+                              "use a longer text or a larger --max-tokens")
+        progress()
     pk = caches[pattern_spec]
     out = []
     for L in range(geom.n_layers):
@@ -93,6 +104,7 @@ def layer_stats(model, ids, specs: list[str], pattern_spec: str = "patternkv:2",
             out.append(LayerStats(L, h, *(pick(per[key]) for key in per), patterns=int(pk.count[L, 0]),
                                   k_err={s: pick(e[0]) for s, e in errs.items() if s in specs},
                                   v_err={s: pick(e[1]) for s, e in errs.items() if s in specs}))
+        progress()
     return out
 
 
@@ -125,5 +137,13 @@ def plot(stats: list[LayerStats], path: str, title: str) -> None:
         a.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial{path.suffix}")  # the suffix names the format
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)  # never a half-written figure
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MinikvError(f"--plot {path}: cannot write ({e.strerror})") from None
+    finally:
+        plt.close(fig)

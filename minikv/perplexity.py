@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from .errors import MinikvError
+from .errors import NON_FINITE, MinikvError
 from .kv import make_cache, parse_kv_spec
 
 
@@ -38,26 +39,58 @@ def _nll(xp, logits, targets):
     return out.get() if hasattr(out, "get") else np.asarray(out)
 
 
+def windows(n_tokens: int, ctx: int, bos: int | None) -> list[tuple[int, int]]:
+    """[start, end) spans of the text scored independently, `ctx` tokens each (llama-perplexity's
+    chunks); every window after the first is scored behind a BOS when the model uses one, so it
+    begins as a text does. Windows of fewer than 2 tokens score nothing and are dropped."""
+    spans, t = [], 0
+    while t < n_tokens:
+        take = ctx if t == 0 or bos is None else ctx - 1
+        spans.append((t, min(n_tokens, t + take)))
+        t += take
+    return [(a, b) for a, b in spans if b - a + (a > 0 and bos is not None) >= 2]
+
+
 def perplexity(model, ids, kv: str = "fp16", prefill: int = 512, chunked: bool = True,
-               cache=None) -> PerplexityResult:
-    """Score `ids` (host ints, BOS included if the tokenizer adds one)."""
+               cache=None, ctx: int | None = None, bos: int | None = None,
+               progress: Callable[[int, float], None] | None = None) -> PerplexityResult:
+    """Score `ids` (host ints, BOS included if the tokenizer adds one) in windows of `ctx`
+    tokens (default: the whole text, which must fit the model). `progress(tokens, ppl)` is
+    called after each forward with the running totals."""
     ids = np.asarray(ids, dtype=np.int64)
     N = len(ids)
     if N < 2:
         raise MinikvError("the text is too short to score (fewer than 2 tokens)")
-    if N > model.cfg.max_position_embeddings:
-        raise MinikvError(f"{N} tokens exceed the model's context of {model.cfg.max_position_embeddings}; "
-                          "use --max-tokens")
+    ctx = ctx or N
+    if ctx > model.cfg.max_position_embeddings:
+        raise MinikvError(f"{ctx} tokens exceed the model's context of {model.cfg.max_position_embeddings}; "
+                          f"score in windows with -c {model.cfg.max_position_embeddings} or fewer tokens")
     spec = parse_kv_spec(kv)
-    cache = cache or make_cache(spec, model.kv_geometry, 1, N, model.backend)
-    xp = model.backend.xp
-    nll = []
-    t = 0
+    cache = cache or make_cache(spec, model.kv_geometry, 1, ctx, model.backend)
+    nll, kv_bytes, bits, total, count = [], None, None, 0.0, 0
+    for a, b in windows(N, ctx, bos):
+        cache.reset()
+        w = ids[a:b] if a == 0 or bos is None else np.concatenate([[bos], ids[a:b]])
+        for piece in _score(model, w, cache, prefill, chunked):
+            nll.append(piece)
+            total, count = total + float(piece.sum(dtype=np.float64)), count + len(piece)
+            if progress is not None:
+                progress(count, math.exp(total / count))
+        if kv_bytes is None:  # the first window is the longest: its footprint is the one reported
+            kv_bytes, bits = cache.nbytes(), cache.bits_per_value()
+    scored = np.concatenate(nll).astype(np.float64)
+    if not np.isfinite(scored).all():
+        raise MinikvError(NON_FINITE)
+    return PerplexityResult(str(spec), math.exp(scored.mean()), len(scored), kv_bytes, bits)
+
+
+def _score(model, ids, cache, prefill, chunked):
+    """Yield the NLL (host float32) of ids[1:] given what precedes each, forward by forward,
+    fed as a session would."""
+    xp, N, t = model.backend.xp, len(ids), 0
     while t < N - 1:  # the last token predicts nothing and is never fed
         step = max(1, prefill) if t == 0 else (cache.tokens_until_flush() if chunked else 1)
         n = min(step, N - 1 - t)
         logits = model.forward(ids[None, t:t + n], cache, logits="all")[0]  # (n, V)
-        nll.append(_nll(xp, logits, ids[t + 1:t + 1 + n]))  # positions t..t+n-1 predict t+1..t+n
+        yield _nll(xp, logits, ids[t + 1:t + 1 + n])  # positions t..t+n-1 predict t+1..t+n
         t += n
-    total = np.concatenate(nll).astype(np.float64)
-    return PerplexityResult(str(spec), math.exp(total.mean()), len(total), cache.nbytes(), cache.bits_per_value())

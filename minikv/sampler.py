@@ -47,7 +47,12 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits, history: list[int]):
-        """logits: (V,) float32 on the device; history: ids so far. Returns a device scalar id."""
+        """logits: (V,) float32 on the device; history: ids so far. Returns a device scalar id,
+        or -1 if the logits are not all finite (checked on the device: no extra transfer)."""
+        token = self._draw(logits, history)
+        return self.xp.where(self.xp.isfinite(logits.max()), token, -1)
+
+    def _draw(self, logits, history: list[int]):
         xp, p = self.xp, self.p
         if p.repeat_penalty != 1.0 and history:
             recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n:]

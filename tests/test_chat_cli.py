@@ -58,3 +58,13 @@ def test_ctrl_c_stops_the_reply_not_the_session():
         p.kill()
     assert p.returncode == 0, err
     assert "(reply stopped)" in err and "Traceback" not in err
+
+
+def test_help_notices_and_timings():
+    r = subprocess.run(CHAT + ["--temp", "0", "-n", "5"], input="/help\nOnce upon a time\n", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "/reset starts over, /exit" in r.stderr
+    assert len(r.stdout.splitlines()) == 1  # /help is answered by minikv, never sent to the model
+    assert "(reply cut at -n 5 tokens)" in r.stderr
+    assert "minikv: 1 reply | prompt:" in r.stderr and "generation: 5 tokens" in r.stderr

@@ -61,10 +61,12 @@ def test_directory_without_weights(capsys, stories_copy):
     assert_error(capsys, "no safetensors weights", *gen(stories_copy))
 
 
-def test_gguf_file_needs_convert(capsys, tmp_path):
+def test_broken_gguf_as_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIKV_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF")
-    assert_error(capsys, "minikv convert", *gen(f))
+    assert_error(capsys, "corrupt or truncated GGUF", *gen(f))
+    assert not list((tmp_path / "cache" / "models").iterdir())  # nothing half-converted is cached
 
 
 def test_unsupported_architecture(capsys, stories_copy):

@@ -161,6 +161,22 @@ def test_chunked_perplexity_equals_step_by_step(stories, ids, spec):
         assert abs(misaligned.ppl / perplexity(stories, ids[:300], spec, prefill=70, chunked=False).ppl - 1) > 1e-2
 
 
+def test_perplexity_reports_its_progress(stories, ids):
+    seen = []
+    r = perplexity(stories, ids[:300], "kivi:2,g=32,r=32", prefill=64, progress=lambda n, ppl: seen.append((n, ppl)))
+    counts = [n for n, _ in seen]
+    assert counts[0] == 64 and counts == sorted(set(counts)) and counts[-1] == r.tokens
+    assert seen[-1][1] == pytest.approx(r.ppl, rel=1e-9)
+
+
+def test_perplexity_windows_begin_behind_bos():
+    from minikv.perplexity import windows
+
+    assert windows(300, 128, bos=1) == [(0, 128), (128, 255), (255, 300)]  # 127 text tokens behind each BOS
+    assert windows(300, 128, bos=None) == [(0, 128), (128, 256), (256, 300)]
+    assert windows(129, 128, bos=None) == [(0, 128)]  # a last window of one token scores nothing
+
+
 def test_16_bit_uniform_reproduces_the_fp16_cache(stories, ids):
     x = np.asarray([ids[:300]])
     out = {}

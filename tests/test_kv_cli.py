@@ -33,12 +33,31 @@ def test_perplexity_table(capsys):
 @pytest.mark.parametrize("argv,match", [
     (["--text", "/nonexistent.txt"], "cannot read"),
     (["--text", FRAG, "--kv", "kivi:9"], "bits=9"),
-    (["--text", FRAG, "--max-tokens", "1"], "too short"),
-    (["--text", FRAG, "--max-tokens", "100000"], "exceed the model's context")])
+    (["--text", FRAG, "--max-tokens", "1"], "use 2 or more"),
+    (["--text", FRAG, "--max-tokens", "0"], "use 2 or more"),
+    (["--text", FRAG, "--max-tokens", "-7"], "use 2 or more"),
+    (["--text", FRAG, "-c", "100000"], "exceeds the model's max_position_embeddings"),
+    (["--text", FRAG, "-c", "-3"], "-c -3"),
+    (["--text", FRAG, "--prefill", "-5"], "--prefill -5: use 1 to"),
+    (["--text", FRAG, "--prefill", "0"], "--prefill 0: use 1 to"),
+    (["--text", FRAG, "--prefill", "10000"], "--prefill 10000: use 1 to 511"),
+    (["--text", FRAG, "-c", "64", "--prefill", "64"], "use 1 to 63")])
 def test_perplexity_errors(capsys, argv, match):
     assert main(["perplexity", str(STORIES), "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+def test_perplexity_in_windows_of_c_tokens(capsys):
+    """-c scores the text in independent windows (llama-perplexity's chunks), each behind a BOS:
+    every token but the first is still scored once, and less context means higher perplexity."""
+    base = ["perplexity", str(STORIES), "--text", FRAG, "--max-tokens", "300", "--device", "cpu", "--json"]
+    assert main(base) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(base + ["-c", "128", "--prefill", "16"]) == 0
+    windowed = json.loads(capsys.readouterr().out)
+    assert whole["tokens"] == windowed["tokens"] == 299
+    assert windowed["ppl"] > whole["ppl"] * 1.01
 
 
 def test_kvstats_table_and_plot(capsys, tmp_path):

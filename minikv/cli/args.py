@@ -2,25 +2,45 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from ..backend import DTYPES, get_backend
 from ..errors import MinikvError
+from ..progress import Progress
 from ..sampler import SamplingParams
 from ..tokenizer import Tokenizer
 
 
-def add_model_args(p: argparse.ArgumentParser, kv_multi: bool = False) -> None:
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
-                   help="model directory (Hugging Face checkpoint or `minikv convert` output); "
-                        "default: SmolLM2-135M-Instruct, fetched and converted on first use")
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other minikv error."""
+
+    def error(self, message):
+        print(f"minikv: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+CTX_HELP = "context size in tokens, 0 = the model's maximum (default: min(model's maximum, 4096))"
+
+
+def add_model_args(p: argparse.ArgumentParser, kv_multi: bool = False, ctx_help: str | None = CTX_HELP) -> None:
+    """MODEL, -m, --device, --dtype, -t, --kv, and -c unless ctx_help is None."""
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="model directory (Hugging Face checkpoint or `minikv convert` output) or .gguf file "
+                        "(converted into the cache on first use); default: SmolLM2-135M-Instruct, fetched "
+                        "and converted on first use")
+    p.add_argument("-m", "--model", dest="model_flag", default=None, metavar="MODEL", help="the same as MODEL")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (default: the GPU if CuPy sees one)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="compute dtype (default: float16 on the GPU, float32 on the CPU); float32 on "
                         "the GPU computes as the CPU does, slower, to check numbers")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
-                   help="context size in tokens (default: min(model's maximum, 4096))")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="CPU BLAS threads (default: the physical cores); decode steps use 1 or N, "
+                        "whichever is faster at the time")
+    if ctx_help is not None:
+        p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N", help=ctx_help)
     kv_help = ("KV cache: METHOD[:BITS][,key=value...], e.g. fp16, kivi:2, patternkv:4,sink=4 "
                "(default fp16)")
     if kv_multi:
@@ -43,33 +63,55 @@ def add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> No
                    help=f"penalty on recently seen tokens, 1.0 = off (default {d.repeat_penalty})")
     p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
                    help=f"how many recent tokens the penalty covers, -1 = all (default {d.repeat_last_n})")
-    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed, -1 = random (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text is generated (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
 
 def sampling_params(args) -> SamplingParams:
+    if args.max_tokens < -1:
+        raise MinikvError(f"-n {args.max_tokens}: use a count of tokens, or -1 for no limit")
+    if args.seed is not None and args.seed < -1:
+        raise MinikvError(f"--seed {args.seed}: use 0 or more, or -1 for a random seed")
+    for flag, v in (("--temp", args.temp), ("--top-p", args.top_p), ("--min-p", args.min_p),
+                    ("--repeat-penalty", args.repeat_penalty)):
+        if not math.isfinite(v):
+            raise MinikvError(f"{flag} {v}: must be a finite number")
     return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
-                          seed=args.seed)
+                          seed=None if args.seed == -1 else args.seed)
+
+
+def model_arg(args) -> str | None:
+    """MODEL given as the positional argument or as -m (llama.cpp's spelling), not both."""
+    if args.model is not None and args.model_flag is not None and args.model != args.model_flag:
+        raise MinikvError(f"two models given ({args.model} and -m {args.model_flag}); give one")
+    return args.model if args.model is not None else args.model_flag
 
 
 def resolve_model_dir(args) -> str:
-    if args.model is not None:
-        return args.model
-    from ..convert.default_model import default_model_dir
+    """The model directory to load: MODEL as given, the cached conversion of a .gguf file, or
+    the default model."""
+    from ..convert.default_model import default_model_dir, gguf_model_dir
 
-    return str(default_model_dir())
+    model = model_arg(args)
+    if model is None:
+        return str(default_model_dir())
+    path = Path(model)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(gguf_model_dir(path))
+    return model
 
 
 def load(args):
-    """(model, tokenizer) for the command's MODEL_DIR and --device."""
+    """(model, tokenizer) for the command's MODEL and --device."""
     from ..models import load_model
 
+    backend = get_backend(args.device, args.dtype, args.threads)  # its errors before any fetch or conversion
     model_dir = resolve_model_dir(args)
-    backend = get_backend(args.device, getattr(args, "dtype", "auto"))
-    model = load_model(model_dir, backend)
+    with Progress(None, "loading", unit="B") as bar:
+        model = load_model(model_dir, backend, progress=lambda done, total: bar.update_to(done, total=total))
     tok = Tokenizer.from_dir(model_dir)
     if tok.vocab_size > model.cfg.vocab_size:
         raise MinikvError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only "

@@ -1,6 +1,7 @@
 """`minikv chat`: an interactive, streaming, multi-turn chat with the model's chat template.
 
-Commands: /reset starts over, /exit (or Ctrl-D) leaves; Ctrl-C stops the current reply.
+Commands: /reset starts over, /exit (or Ctrl-D) leaves, /help lists them; Ctrl-C stops the
+current reply. Timings of the whole chat are printed on stderr at the end (each reply's with -v).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from contextlib import contextmanager
 
 from ..errors import MinikvError
-from ..generate import Result, Session
+from ..generate import Result, Session, Timings
 from .args import add_model_args, add_sampling_args, load, log, sampling_params
 
 
@@ -17,6 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat", description=__doc__)
     add_model_args(p)
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each reply's timings on stderr")
     add_sampling_args(p, default_max_tokens=-1)
     p.set_defaults(func=run)
 
@@ -39,29 +41,52 @@ def interrupt_flag():
         signal.signal(signal.SIGINT, old)
 
 
+HELP = "/reset starts over, /exit (or Ctrl-D) leaves, /help shows this; Ctrl-C stops a reply"
+
+
+def read_message(prompt: str) -> str | None:
+    """The next line of standard input (None at its end), or one clear error."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise MinikvError("chat reads messages from standard input, which is closed; run it in a terminal "
+                          "or pipe the messages in")
+    try:
+        line = input(prompt)
+        line.encode("utf-8")  # stdin's surrogateescape keeps bad bytes as lone surrogates
+        return line
+    except EOFError:
+        return None
+    except UnicodeError as e:  # decoding (a strict stdin) or encoding (an escaped byte)
+        bad = e.object[e.start]
+        byte = bad if isinstance(bad, int) else ord(bad) - 0xDC00
+        raise MinikvError(f"standard input is not UTF-8 text (byte 0x{byte:02x}); send messages in UTF-8") from None
+
+
 def run(args) -> int:
     params = sampling_params(args)
     model, tok = load(args)
     session = Session(model, tok, kv=args.kv, ctx_size=args.ctx_size)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty()
     if interactive:
-        log(f"minikv chat: {model.cfg.model_type}, context {session.ctx_size}, kv {args.kv}. "
-            "/reset to start over, /exit or Ctrl-D to leave, Ctrl-C stops a reply.")
+        log(f"minikv chat: {model.cfg.model_type}, context {session.ctx_size}, kv {args.kv}. {HELP}.")
+    total, turns = Timings(), 0
     while True:
         try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            break
+            line = read_message("> " if interactive else "")
         except KeyboardInterrupt:
             print()
             continue
+        if line is None:
+            break
         cmd = line.strip()
         if not cmd:
             continue
         if cmd == "/exit":
             break
+        if cmd == "/help":
+            log(HELP)
+            continue
         if cmd == "/reset":
             messages = list(system)
             session.reset()
@@ -74,26 +99,36 @@ def run(args) -> int:
             log(f"minikv: the conversation would need {len(ids)} tokens but the context holds "
                 f"{session.ctx_size}; /reset to start a new one or restart with a larger --ctx-size")
             continue
-        res = Result()
-        try:
-            with interrupt_flag() as stop_requested:
-                for piece in session.generate(ids, params, args.max_tokens, tuple(args.stop),
-                                              should_stop=stop_requested, result=res, ignore_eos=args.ignore_eos):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            session.reset()  # interrupted mid-forward: the cache may be partial, rebuild next turn
-            res.stop_reason = "interrupted"
-        except MinikvError as e:
-            messages.pop()
-            log(f"\nminikv: {e}")
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        res = reply(session, ids, params, args)
         messages.append({"role": "assistant", "content": res.text})
-        if res.stop_reason == "interrupted":
-            log("(reply stopped)")
-        elif res.stop_reason == "context":
-            log(f"minikv: the context of {session.ctx_size} tokens is full; /reset to start a new "
-                "conversation or restart with a larger --ctx-size")
+        total.add(res.timings)
+        turns += 1
+        if args.verbose:
+            log(res.timings.summary())
+    if turns:
+        log(f"minikv: {turns} {'reply' if turns == 1 else 'replies'} | {total.summary()}")
     return 0
+
+
+def reply(session, ids, params, args) -> Result:
+    """Stream one reply to stdout and say on stderr why it ended, unless the model ended it."""
+    res = Result()
+    try:
+        with interrupt_flag() as stop_requested:
+            for piece in session.generate(ids, params, args.max_tokens, tuple(args.stop),
+                                          should_stop=stop_requested, result=res, ignore_eos=args.ignore_eos):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        session.reset()  # interrupted mid-forward: the cache may be partial, rebuild next turn
+        res.stop_reason = "interrupted"
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if res.stop_reason == "interrupted":
+        log("(reply stopped)")
+    elif res.stop_reason == "length":
+        log(f"(reply cut at -n {args.max_tokens} tokens)")
+    elif res.stop_reason == "context":
+        log(f"minikv: the context of {session.ctx_size} tokens is full; /reset to start a new "
+            "conversation or restart with a larger --ctx-size")
+    return res

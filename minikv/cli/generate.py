@@ -52,7 +52,10 @@ def run(args) -> int:
                           "timings": res.timings.as_dict()}, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if res.stop_reason == "context":
             log(f"minikv: stopped: the context of {session.ctx_size} tokens is full (raise --ctx-size)")
-        log(res.timings.summary())
+        elif res.stop_reason == "length" and args.max_tokens > 0:
+            log(f"minikv: stopped after -n {args.max_tokens} tokens")
+        log(f"{res.timings.summary()} | kv {args.kv}: {session.cache.bits_per_value():.2f} bits/value")
     return 0

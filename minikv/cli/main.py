@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from .. import __version__
 from ..errors import MinikvError
 from . import chat, convert, generate, kvstats, perplexity
+from .args import Parser
 
 SUBCOMMANDS = [generate, chat, convert, perplexity, kvstats]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minikv", description="A small LLM runtime with quantized KV caches.")
+    p = Parser(prog="minikv", description="A small LLM runtime with quantized KV caches.")
+    p.add_argument("--version", action="version", version=f"minikv {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in SUBCOMMANDS:
         mod.add_parser(sub)
@@ -35,6 +39,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout went to `| head`, which has read enough: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # what a shell reports for a program stopped by SIGPIPE
     except Exception as e:  # noqa: BLE001 - only to turn out-of-memory into a clear line
         if not _out_of_memory(e):
             raise

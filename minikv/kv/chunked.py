@@ -83,6 +83,9 @@ class ChunkedQuantCache(KVCache):
         super().__init__(geom, batch, capacity, backend, attention)
         self.spec, self.s = spec, self.settings(spec)
         self.G, self.S = self.s["g"], self.s["sink"]
+        if self.S >= capacity:
+            raise MinikvError(f"--kv {spec}: sink={self.S} would keep the whole context of {capacity} tokens "
+                              "in fp16; use a few sinks (4-16 is typical)")
         self.flush_at = max(self.s["r"], self.G)  # window size that triggers a flush
         self.n_chunks_max = -(-max(0, capacity - self.S) // self.G)
         self.n_chunks = np.zeros(batch, dtype=np.int64)  # flushed chunks per sequence
