@@ -1,10 +1,11 @@
 """Decode and prefill speed of random-weight models of real shapes, with the roofline.
 
-    python bench/decode.py --model llama-3.2-1b --ctx 1024 4096 --kv fp16
+    python3 bench/decode.py --model llama-3.2-1b --ctx 1024 4096 --kv fp16 [--matmul gemv cublas]
 
 Prints, per (model, kv, context): prefill tokens/s, decode ms/token, and achieved GB/s =
 (weight bytes + KV bytes read per token) / time per token, next to the device copy bandwidth
-measured in the same run.
+measured in the same run. Decode time includes the per-token host round trip a session makes.
+Runs on the CPU too (--device cpu), without the roofline.
 """
 from __future__ import annotations
 
@@ -13,25 +14,10 @@ import time
 
 import numpy as np
 
+from common import copy_bandwidth
 from minikv.backend import get_backend
 from minikv.kv import make_cache
 from minikv.synthetic import SHAPES, synthetic_model
-
-
-def copy_bandwidth(backend, nbytes=1 << 30) -> float:
-    """Device-to-device copy GB/s, counting bytes read plus bytes written."""
-    xp = backend.xp
-    a = xp.ones(nbytes // 4, dtype=np.float32)
-    b = xp.empty_like(a)
-    for _ in range(3):
-        b[...] = a
-    backend.synchronize()
-    t = time.perf_counter()
-    n = 20
-    for _ in range(n):
-        b[...] = a
-    backend.synchronize()
-    return 2 * nbytes * n / (time.perf_counter() - t) / 1e9
 
 
 def weight_bytes(model) -> int:
@@ -80,7 +66,7 @@ def main():
                     help="decode matmuls through gemv.cu (as minikv runs) or all through cuBLAS, to compare")
     args = ap.parse_args()
     backend = get_backend(args.device)
-    bw = copy_bandwidth(backend) if backend.is_gpu else float("nan")
+    bw = copy_bandwidth(backend.xp) if backend.is_gpu else float("nan")
     print(f"device {backend.name}, copy bandwidth {bw:.0f} GB/s")
     print(f"{'model':14} {'kv':12} {'matmul':6} {'batch':>5} {'ctx':>7} {'prefill tok/s':>13} {'decode ms/tok':>13} "
           f"{'weights GB':>10} {'KV GB':>7} {'GB/s':>7} {'% copy':>6}")

@@ -1,6 +1,6 @@
 """Decode-step matmuls: gemv.cu against cuBLAS (CuPy matmul) on the weight shapes of real models.
 
-    python bench/gemv.py [--model smollm2-135m llama-3.2-1b llama-3.1-8b] [--rows 1 8]
+    python3 bench/gemv.py [--model smollm2-135m llama-3.2-1b llama-3.1-8b] [--rows 1 8]
 
 For each weight (N, K) and row count M: the GPU time per call (gemv: 20 calls captured in a CUDA
 graph, replayed; medians of 7 runs; cuBLAS cannot be captured through CuPy, so it is timed as 20 calls back to back,
@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from common import device_name, timed
+
 
 def weights(name):
     from minikv.synthetic import SHAPES
@@ -24,16 +26,16 @@ def weights(name):
 
 
 def main():
-    import cupy as cp
-
-    from minikv.cuda.ops import CudaOps
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"])
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 8])
     args = ap.parse_args()
+    import cupy as cp
+
+    from minikv.cuda.ops import CudaOps
+
     ops, n = CudaOps(cp), 20
-    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
+    print(device_name(cp))
     print("| model | weight | N x K | rows | gemv GPU (us) | gemv GB/s | cuBLAS back to back (us) | cuBLAS GB/s "
           "| host per call: gemv / cuBLAS (us) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -51,17 +53,7 @@ def main():
                     for i in range(n):
                         ops.gemv(x, ws[i % copies])
                     g = s.end_capture()
-                    g.launch(s)
-                    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                    reps = []
-                    for _ in range(7):
-                        e0.record(s)
-                        g.launch(s)
-                        e1.record(s)
-                        e1.synchronize()
-                        reps.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / n)
-                    t_gemv = float(np.median(reps))
-                    s.synchronize()
+                    t_gemv = timed(cp, lambda: g.launch(s), 7) * 1e6 / n
                     h0 = time.perf_counter()
                     for i in range(n):
                         ops.gemv(x, ws[i % copies])
@@ -69,20 +61,12 @@ def main():
                     for i in range(n):
                         cp.matmul(x, ws[i % copies].T)
                     h2 = time.perf_counter()
-                    reps = []
-                    for _ in range(7):
-                        s.synchronize()
-                        e0.record(s)
-                        for i in range(n):
-                            cp.matmul(x, ws[i % copies].T)
-                        e1.record(s)
-                        e1.synchronize()
-                        reps.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / n)
-                    t_blas = float(np.median(reps))
+                    t_blas = timed(cp, lambda: [cp.matmul(x, ws[i % copies].T) for i in range(n)], 7) * 1e6 / n
+                    s.synchronize()
                 gb = N * K * 2 / 1e3
                 print(f"| {name} | {wname} | {N} x {K} | {M} | {t_gemv:.1f} | {gb / t_gemv:.0f} | {t_blas:.1f} | "
                       f"{gb / t_blas:.0f} | {(h1 - h0) / n * 1e6:.1f} / {(h2 - h1) / n * 1e6:.1f} |", flush=True)
-            del ws
+            ws = None  # frees this weight's copies before the next are made
 
 
 if __name__ == "__main__":

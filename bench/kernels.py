@@ -1,152 +1,25 @@
-"""Fused attention speed against the memory roofline, and the prefill cost of quantizing.
+"""Decode attention speed against the memory roofline, and the prefill cost of quantizing.
 
-    python bench/kernels.py [--ctx 4096 ... 131072] [--batch 1 8] [--kv fp16 kivi:2 ...]
+    python3 bench/kernels.py [--ctx 4096 ... 131072] [--batch 1 8] [--kv fp16 kivi:2 ...]
+                             [--prefill fp16 kivi:2 patternkv:2] [--breakdown patternkv:2]
 
 For each (method, batch, context), a cache of Llama-3.1-8B's attention shape (32 query / 8 kv
 heads, head_dim 128) is filled directly with random packed storage (speed does not depend on
-the values), and one decode step's attention is timed: as minikv runs it (CUDA events, median
-of repeats), and its GPU work alone (CUDA graph replay over enough layers that each reads its
-bytes from memory, not from the L2). Bytes = what the step must read: the cache's stored bytes
-for its tokens plus q and the output. "Plain read" is a kernel that only reads that many bytes
-(timed the same way): the most a single launch of that size can reach on this GPU. Then the prefill of an 8K prompt through a random-weight Llama-3.1-8B with
-each KV method: the extra time over fp16 is the cost of KMeans + packing.
+the values), and one decode step's attention is timed: as minikv runs it ("step": CUDA events,
+median of repeats, Python preparation included), and its GPU work alone ("kernel": CUDA graph
+replay over enough layers that each reads its bytes from memory, not from the L2). Bytes = what
+the step must read: the cache's stored bytes for its tokens plus q and the output. "Plain read"
+is a kernel that only reads that many bytes (timed the same way): the most a single launch of
+that size reaches on this GPU. Then the prefill of an 8K prompt through a random-weight
+Llama-3.1-8B with each --prefill method: the extra time over the first is the cost of
+quantizing (KMeans + packing); --breakdown splits it by function (each call synchronised).
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-import numpy as np
-
-
-def copy_bandwidth(cp, nbytes=2 << 30) -> float:
-    a = cp.ones(nbytes // 4, dtype=np.float32)
-    b = cp.empty_like(a)
-    return 2 * nbytes / timed(cp, lambda: b.__setitem__(Ellipsis, a), 10) / 1e9
-
-
-_READ = r"""
-extern "C" __global__ void read_bytes(const uint4* __restrict__ p, long long n, unsigned* out) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    uint4 a = make_uint4(0u, 0u, 0u, 0u);
-    for (; i + 3 * stride < n; i += 4 * stride) {  // four independent loads in flight per thread
-        const uint4 x = __ldg(p + i), y = __ldg(p + i + stride), z = __ldg(p + i + 2 * stride), w = __ldg(p + i + 3 * stride);
-        a.x ^= x.x ^ y.x ^ z.x ^ w.x, a.y ^= x.y ^ y.y ^ z.y ^ w.y, a.z ^= x.z ^ y.z ^ z.z ^ w.z, a.w ^= x.w ^ y.w ^ z.w ^ w.w;
-    }
-    for (; i < n; i += stride) {
-        const uint4 x = __ldg(p + i);
-        a.x ^= x.x, a.y ^= x.y, a.z ^= x.z, a.w ^= x.w;
-    }
-    if ((a.x ^ a.y ^ a.z ^ a.w) == 0x9e3779b9u) out[0] = 1u;  // keeps the loads
-}
-"""
-
-
-def plain_read_time(cp, nbytes) -> float:
-    """Seconds of the fastest single launch that reads nbytes (best of a few grid sizes), buffers
-    rotated as in cold_layers so the bytes come from memory."""
-    kernel = cp.RawKernel(_READ, "read_bytes")
-    bufs = cold_buffers(cp, nbytes)
-    n = bufs[0].size // 4
-    out = cp.zeros(1, dtype=np.uint32)
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    return min(replay_time(cp, bufs, lambda b: kernel((blocks,), (256,), (b, np.int64(n), out)))
-               for blocks in (sms, 2 * sms, 4 * sms, 8 * sms))
-
-
-def cold_buffers(cp, nbytes) -> list:
-    """Buffers of nbytes (rounded up to 16), as many as cold_layers gives: read in turn, each
-    comes from memory, not from the L2."""
-    return [cp.zeros(-(-nbytes // 16) * 4, dtype=np.uint32) for _ in range(cold_layers(cp, nbytes))]
-
-
-def replay_time(cp, bufs, launch) -> float:
-    """Seconds per launch(buffer), launched over bufs in turn (graph_time)."""
-    def run():
-        for b in bufs:
-            launch(b)
-    return graph_time(cp, run) / len(bufs)
-
-
-def timed(cp, fn, reps=20) -> float:
-    """Median seconds of fn() over reps, after a warm-up, with CUDA events."""
-    fn()
-    cp.cuda.get_current_stream().synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        times.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
-    return float(np.median(times))
-
-
-def filled_cache(spec, B, ctx, backend, patterns=None, layers=1):
-    """A cache of `layers` layers holding ctx tokens per sequence, its storage random (not zeros);
-    patternkv with `patterns` patterns (None: as many as the cache would have)."""
-    cp = backend.xp
-    from minikv.kv import make_cache
-    from minikv.kv.base import KVGeometry
-
-    geom = KVGeometry(layers, 32, 8, 128, 128 ** -0.5)
-    cache = make_cache(spec, geom, B, ctx + 8, backend)
-    rng = cp.random.RandomState(0)
-    for name, a in vars(cache).items():
-        if isinstance(a, list) and a and isinstance(a[0], cp.ndarray):
-            for x in a:
-                if x.dtype == np.uint8:
-                    x[...] = rng.randint(0, 256, size=x.shape, dtype=np.int32).astype(np.uint8)
-                else:
-                    x[...] = (rng.random_sample(x.shape) * 0.1 + 0.01).astype(x.dtype)
-    cache.lengths[:] = ctx
-    if hasattr(cache, "n_chunks"):
-        cache.n_chunks[:] = (ctx - cache.S - 64) // cache.G  # leaves a partial window, as in use
-        cache.lengths[:] = cache.S + cache.n_chunks * cache.G + 64
-    if hasattr(cache, "kidx"):  # as many patterns as the cache would hold: m + one per chunk, to mmax
-        m = patterns or min(cache.s["mmax"], cache.s["m"] + int(cache.n_chunks[0]))
-        if m < 256:  # uint8 indexes: the random fill already spans 0..255
-            for a in (*cache.kidx, *cache.vidx):
-                a %= m
-        cache.count[:] = m
-    return cache
-
-
-def graph_time(cp, fn, reps=50) -> float:
-    """Seconds per call of fn's GPU work alone: fn captured once into a CUDA graph, the graph
-    replayed back to back (no Python between launches), timed with CUDA events."""
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        fn()  # warm: kernels compiled, the memory pool holds the buffers the capture reuses
-        stream.begin_capture()
-        fn()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record(stream)
-        for _ in range(reps):
-            graph.launch(stream)
-        e1.record(stream)
-        e1.synchronize()
-    return cp.cuda.get_elapsed_time(e0, e1) / 1e3 / reps
-
-
-def cold_layers(cp, nbytes) -> int:
-    """Layers whose caches together are 4x the L2, at most 16: replaying attention over them in
-    turn, as a model's decode step does, each layer's bytes come from memory, not from the L2
-    where the previous replay left them (a 2-bit cache of 32K tokens, 19 MB, fits in the 50 MB L2)."""
-    l2 = cp.cuda.Device().attributes["L2CacheSize"]
-    return int(min(16, max(1, -(-4 * l2 // nbytes))))
-
-
-def step_inputs(cp, B):
-    """One decode step's q (B, 32, 1, 128) and new k (= v) (B, 8, 1, 128), fp16, fixed seeds: the
-    shape every decode benchmark here uses (32 query / 8 kv heads, head_dim 128)."""
-    q = cp.asarray(np.random.default_rng(0).normal(size=(B, 32, 1, 128)).astype(np.float16))
-    k = cp.asarray(np.random.default_rng(1).normal(size=(B, 8, 1, 128)).astype(np.float16))
-    return q, k
+from common import cold_layers, cuda_backend, filled_cache, graph_time, llama8b_prompt, plain_read_time, step_inputs, timed
 
 
 def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None, keys_per_pattern=None,
@@ -180,12 +53,12 @@ def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None,
 
 
 def prefill_overhead(backend, specs, T=8192):
+    """{spec: seconds} of one prefill of T tokens through the random-weight Llama-3.1-8B, cache
+    creation included (median of 3)."""
     from minikv.kv import make_cache
-    from minikv.synthetic import synthetic_model
 
     cp = backend.xp
-    model = synthetic_model("llama-3.1-8b", backend)
-    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=(1, T))
+    model, ids = llama8b_prompt(backend, T)
     out = {}
     for spec in specs:
         def run():
@@ -201,11 +74,9 @@ def prefill_breakdown(backend, spec, T=8192):
     from collections import defaultdict
 
     from minikv.kv import make_cache
-    from minikv.synthetic import synthetic_model
 
     cp = backend.xp
-    model = synthetic_model("llama-3.1-8b", backend)
-    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=(1, T))
+    model, ids = llama8b_prompt(backend, T)
     model.forward(ids, make_cache(spec, model.kv_geometry, 1, T + 8, backend))  # compile, warm up
     cache = make_cache(spec, model.kv_geometry, 1, T + 8, backend)
     spent, undo = defaultdict(float), []
@@ -248,8 +119,6 @@ def prefill_breakdown(backend, spec, T=8192):
 
 
 def main():
-    from minikv.backend import get_backend
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", nargs="+", type=int, default=[4096, 8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -267,15 +136,11 @@ def main():
     ap.add_argument("--min-keys", type=int, default=None,
                     help="fewest keys per block when splitting a sequence (default: the runtime's)")
     args = ap.parse_args()
-    be = get_backend("cuda")
-    cp = be.xp
-    bw = copy_bandwidth(cp)
-    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy bandwidth {bw:.0f} GB/s "
-          f"(read + write, measured now)")
+    be, cp, bw = cuda_backend()
     print("step: one decode step's attention as minikv runs it (Python preparation included); kernel: its "
           "GPU work alone (CUDA graph replay); GB/s and speed-ups from the kernel time")
-    print(f"| kv | batch | context | step (us) | kernel (us) | MB read | GB/s | % of copy | x faster than fp16 "
-          f"| plain read (us) | % of plain read |")
+    print("| kv | batch | context | step (us) | kernel (us) | MB read | GB/s | % of copy | x faster than fp16 "
+          "| plain read (us) | % of plain read |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for B in args.batch:
         for ctx in args.ctx:
@@ -294,7 +159,7 @@ def main():
         prefill_breakdown(be, spec)
     if args.prefill:
         times = prefill_overhead(be, args.prefill)
-        print(f"\nprefill of 8192 tokens, random-weight Llama-3.1-8B, batch 1:")
+        print("\nprefill of 8192 tokens, random-weight Llama-3.1-8B, batch 1:")
         for spec, t in times.items():
             over = 100 * (t / times[args.prefill[0]] - 1)
             print(f"  {spec:14} {t * 1e3:8.1f} ms  ({over:+.1f}% vs {args.prefill[0]})", flush=True)

@@ -1,17 +1,18 @@
 """Perplexity of every KV cache method on the same tokens, as a markdown table.
 
-    python bench/kv_table.py [MODEL_DIR] --text FILE --max-tokens 4096 [--device cpu] [--dtype float32] [--kv SPEC ...]
+    python3 bench/kv_table.py [MODEL_DIR] --text FILE --max-tokens 4096 [--device cpu] [--dtype float32] [--kv SPEC ...]
 
 Rows: perplexity, its rise over the unquantized cache, tokens scored, bits per value
-(every stored byte counted). Default methods: the issue-5 list.
+(every stored byte counted). Default methods: all 16 of bench/RESULTS.md's table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import sys
 import time
+
+from common import load_model, perplexity_parser
 
 DEFAULT = ["fp16", "kivi:2", "kivi:3", "kivi:4", "nqkv:2", "nqkv:3", "nqkv:4", "nqkv:2,kaxis=channel",
            "nqkv:3,kaxis=channel", "nqkv:4,kaxis=channel", "patternkv:2", "patternkv:3", "patternkv:4",
@@ -19,21 +20,17 @@ DEFAULT = ["fp16", "kivi:2", "kivi:3", "kivi:4", "nqkv:2", "nqkv:3", "nqkv:4", "
 
 
 def main():
-    from minikv.cli.args import load
     from minikv.cli.perplexity import text_ids
     from minikv.perplexity import perplexity
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default=None)
+    ap = perplexity_parser(__doc__)
     ap.add_argument("--text", required=True)
-    ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="compute dtype: auto, float16 (GPU) or float32")
     ap.add_argument("--kv", action="append", default=None)
     args = ap.parse_args()
-    args.ctx_size = None
-    model, tok = load(args)
+    model, tok = load_model(args)
     ids = text_ids(tok, args.text, args.max_tokens)
     print(f"<!-- {' '.join(sys.argv)} | {model.backend.name} | {platform.node()} | "
           f"{datetime.date.today()} -->")

@@ -2,36 +2,33 @@
 not enough to rank 2-bit methods (their perplexity moves by a few percent under fp16-level
 changes of the activations), so this scores the same methods on many texts.
 
-    python bench/kv_texts.py [MODEL_DIR] --texts FILE... --max-tokens 4096 --kv fp16 --kv kivi:2 ...
+    python3 bench/kv_texts.py [MODEL_DIR] --texts FILE... --max-tokens 4096 --kv fp16 --kv kivi:2 ...
 
 The first --kv is the baseline. Prints a markdown table: rise (%) per text and method, the
 mean rise, and on how many texts each method beats the second --kv.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from common import load_model, perplexity_parser
+
 
 def main():
-    from minikv.cli.args import load
     from minikv.cli.perplexity import text_ids
     from minikv.perplexity import perplexity
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default=None)
+    ap = perplexity_parser(__doc__)
     ap.add_argument("--texts", nargs="+", required=True)
-    ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--kv", action="append", required=True)
     args = ap.parse_args()
-    args.ctx_size = None
-    model, tok = load(args)
+    model, tok = load_model(args)
     print(f"<!-- {' '.join(sys.argv)} | {model.backend.name} | {datetime.date.today()} -->")
     print("| text | " + " | ".join(f"`{s}`" for s in args.kv) + " |")
     print("| --- " * (len(args.kv) + 1) + "|")

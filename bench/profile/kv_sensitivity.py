@@ -1,6 +1,6 @@
 """How much a KV method's perplexity moves when only the activations' rounding changes.
 
-    python bench/kv_sensitivity.py [MODEL_DIR] --text FILE --max-tokens 4096 --kv fp16 --kv kivi:2 ...
+    python3 bench/profile/kv_sensitivity.py [MODEL_DIR] --text FILE --max-tokens 4096 --kv fp16 --kv kivi:2 ...
 
 Runs each method twice on the CPU: float32 matmul inputs (minikv's CPU path), then with one
 rounding change. `--change fp16` rounds the matmul inputs to fp16 (the GPU's float16 path);
@@ -11,10 +11,15 @@ flip and the flips compound.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import pathlib
+import sys
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
+from common import load_model, perplexity_parser  # noqa: E402
 
 LABELS = {"fp16": "fp16-rounded inputs", "ulp": "outputs x (1 + 2^-24 N(0,1))",
           "f64": "float64 matmul, rounded to float32"}
@@ -46,20 +51,17 @@ def changed_linear(change: str, seed: int = 0):
 
 
 def main():
-    from minikv.cli.args import load
     from minikv.cli.perplexity import text_ids
     from minikv.perplexity import perplexity
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default=None)
+    ap = perplexity_parser(__doc__)
     ap.add_argument("--text", required=True)
-    ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--kv", action="append", required=True)
     ap.add_argument("--change", choices=list(LABELS), default="fp16")
     ap.add_argument("--seed", type=int, default=0, help="of the --change ulp noise")
     args = ap.parse_args()
-    args.device, args.ctx_size = "cpu", None
-    model, tok = load(args)
+    args.device = "cpu"
+    model, tok = load_model(args)
     ids = text_ids(tok, args.text, args.max_tokens)
     base = {s: perplexity(model, ids, s).ppl for s in args.kv}
     print(f"| kv | float32 | {LABELS[args.change]} | change |")

@@ -1,15 +1,20 @@
 """One 8K prefill of the random-weight Llama-3.1-8B between cudaProfilerStart/Stop, after two
 warm-up prefills: run it under a profiler that honours the range, e.g.
 
-    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv python3 bench/prefill_profile.py patternkv:2
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        python3 bench/profile/prefill_profile.py patternkv:2
 
-for every kernel's duration (bench/RESULTS.md, "Prefill: flush kernels ...")."""
+for every kernel's duration (the input is bench/kernels.py's prefill benchmark)."""
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
+from common import llama8b_prompt  # noqa: E402
 
 
 def main():
@@ -21,12 +26,10 @@ def main():
 
     from minikv.backend import get_backend
     from minikv.kv import make_cache
-    from minikv.synthetic import synthetic_model
 
     be = get_backend("cuda")
-    model = synthetic_model("llama-3.1-8b", be)
     T = args.tokens
-    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=(1, T))
+    model, ids = llama8b_prompt(be, T)
     for i in range(3):
         cache = make_cache(args.kv, model.kv_geometry, 1, T + 8, be)
         cp.cuda.Device().synchronize()

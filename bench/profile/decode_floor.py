@@ -1,6 +1,6 @@
 """The floor of a one-launch split-K decode attention: what the fastest such kernel could reach.
 
-    python bench/decode_floor.py [--kv kivi:2 patternkv:2] [--batch 1 8] [--ctx 32768 65536 131072]
+    python3 bench/profile/decode_floor.py [--kv kivi:2 patternkv:2] [--batch 1 8] [--ctx 32768 65536 131072]
 
 decode.cu splits each kv head's keys across thread blocks (one wave: grid (splits, Hkv, B)), and
 the last block of a head to finish merges the splits' parts. The "floor" kernel here has that
@@ -15,10 +15,14 @@ target and the plain read (best grid, no merge).
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 
 import numpy as np
 
-from kernels import cold_buffers, copy_bandwidth, filled_cache, plain_read_time, replay_time, step_inputs
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/: the shared helpers
+
+from common import cold_buffers, cuda_backend, filled_cache, plain_read_time, replay_time, step_inputs  # noqa: E402
 
 _FLOOR = r"""
 extern "C" __global__ void __launch_bounds__(FLOOR_THREADS) split_floor(const uint4* __restrict__ p, long long per_head,
@@ -98,17 +102,12 @@ def floor_times(cp, nbytes: int, B: int, Hkv: int = 8) -> dict:
 
 
 def main():
-    from minikv.backend import get_backend
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv", nargs="+", default=["kivi:2", "patternkv:2"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--ctx", nargs="+", type=int, default=[32768, 65536, 131072])
     args = ap.parse_args()
-    be = get_backend("cuda")
-    cp = be.xp
-    bw = copy_bandwidth(cp)
-    print(f"{cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}: copy bandwidth {bw:.0f} GB/s")
+    be, cp, bw = cuda_backend()
     print("| kv | batch | context | MB read | 70% target (us) | plain read (us) | split-K floor (us) | floor, % of copy "
           "| floor's best (blocks per SM, threads, loads in flight) | floor, 1 block of 256 threads per SM (us) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
