@@ -76,7 +76,10 @@ class StopStrings:
 
 
 class Session:
-    def __init__(self, model, tokenizer: Tokenizer, kv: str = "fp16", ctx_size: int | None = None):
+    def __init__(self, model, tokenizer: Tokenizer, kv: str = "fp16", ctx_size: int | None = None,
+                 ubatch: int | None = None):
+        """ubatch: the most tokens one forward takes; a longer prompt is fed in chunks of it, so
+        its activations do not grow with it (default: 2048 on the GPU, 512 on the CPU)."""
         self.model, self.tok = model, tokenizer
         self.backend = model.backend
         cfg = model.cfg
@@ -93,6 +96,9 @@ class Session:
                               "which minikv does not implement; use --ctx-size "
                               f"{cfg.sliding_window} or less")
         self.ctx_size = ctx
+        if ubatch is not None and ubatch < 1:
+            raise MinikvError(f"--ubatch-size {ubatch}: use 1 or more tokens")
+        self.ubatch = ubatch or (2048 if self.backend.is_gpu else 512)
         self.cache = make_cache(parse_kv_spec(kv), model.kv_geometry, 1, ctx, self.backend)
         self.tokens: list[int] = []  # ids whose keys/values the cache holds
 
@@ -105,8 +111,11 @@ class Session:
         if len(self.tokens) + len(ids) > self.ctx_size:
             raise MinikvError(f"the prompt needs {len(self.tokens) + len(ids)} tokens but the context "
                               f"holds {self.ctx_size}; shorten it or raise --ctx-size")
-        logits = self.model.forward(np.asarray([ids]), self.cache)
-        self.tokens.extend(ids)
+        for a in range(0, len(ids), self.ubatch):  # later chunks read what earlier ones stored
+            part = ids[a:a + self.ubatch]
+            last = a + self.ubatch >= len(ids)
+            logits = self.model.forward(np.asarray([part]), self.cache, logits="last" if last else "none")
+            self.tokens.extend(part)
         return logits[0]
 
     def prefill(self, ids: list[int]):

@@ -52,11 +52,12 @@ def windows(n_tokens: int, ctx: int, bos: int | None) -> list[tuple[int, int]]:
 
 
 def perplexity(model, ids, kv: str = "fp16", prefill: int = 512, chunked: bool = True,
-               cache=None, ctx: int | None = None, bos: int | None = None,
+               cache=None, ctx: int | None = None, bos: int | None = None, ubatch: int | None = None,
                progress: Callable[[int, float], None] | None = None) -> PerplexityResult:
     """Score `ids` (host ints, BOS included if the tokenizer adds one) in windows of `ctx`
-    tokens (default: the whole text, which must fit the model). `progress(tokens, ppl)` is
-    called after each forward with the running totals."""
+    tokens (default: the whole text, which must fit the model). The prefill is fed in pieces
+    of `ubatch` tokens (default: one piece), as a session feeds a long prompt.
+    `progress(tokens, ppl)` is called after each forward with the running totals."""
     ids = np.asarray(ids, dtype=np.int64)
     N = len(ids)
     if N < 2:
@@ -71,7 +72,7 @@ def perplexity(model, ids, kv: str = "fp16", prefill: int = 512, chunked: bool =
     for a, b in windows(N, ctx, bos):
         cache.reset()
         w = ids[a:b] if a == 0 or bos is None else np.concatenate([[bos], ids[a:b]])
-        for piece in _score(model, w, cache, prefill, chunked):
+        for piece in _score(model, w, cache, max(1, prefill), ubatch or max(1, prefill), chunked):
             nll.append(piece)
             total, count = total + float(piece.sum(dtype=np.float64)), count + len(piece)
             if progress is not None:
@@ -84,12 +85,15 @@ def perplexity(model, ids, kv: str = "fp16", prefill: int = 512, chunked: bool =
     return PerplexityResult(str(spec), math.exp(scored.mean()), len(scored), kv_bytes, bits)
 
 
-def _score(model, ids, cache, prefill, chunked):
+def _score(model, ids, cache, prefill, ubatch, chunked):
     """Yield the NLL (host float32) of ids[1:] given what precedes each, forward by forward,
     fed as a session would."""
     xp, N, t = model.backend.xp, len(ids), 0
     while t < N - 1:  # the last token predicts nothing and is never fed
-        step = max(1, prefill) if t == 0 else (cache.tokens_until_flush() if chunked else 1)
+        if t < prefill:
+            step = min(prefill - t, ubatch)
+        else:
+            step = cache.tokens_until_flush() if chunked else 1
         n = min(step, N - 1 - t)
         logits = model.forward(ids[None, t:t + n], cache, logits="all")[0]  # (n, V)
         yield _nll(xp, logits, ids[t + 1:t + 1 + n])  # positions t..t+n-1 predict t+1..t+n

@@ -107,7 +107,8 @@ class LlamaModel:
         through the model, appending them to `cache`.
 
         Returns float32 logits on the device: (B, V) at each row's last valid token when
-        logits="last", or (B, T, V) for every position when logits="all".
+        logits="last", (B, T, V) for every position when logits="all", or None when
+        logits="none" (a prompt's chunks before its last: the LM head is skipped).
         """
         cfg, ops, dt, eps = self.cfg, self.ops, self.backend.dtype, self.cfg.rms_norm_eps
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -124,6 +125,8 @@ class LlamaModel:
                 nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
                 h = ops.add_rms_norm(x, self._mlp(layer, h), nxt, eps, dt)
             cache.end_step()
+            if logits == "none":
+                return None
             if logits == "last":
                 h = h[self.xp.arange(B), self.xp.asarray(n_new - 1)]  # (B, C)
             return ops.linear(h, self.lm_head).astype(np.float32)

@@ -24,8 +24,13 @@ class Parser(argparse.ArgumentParser):
 CTX_HELP = "context size in tokens, 0 = the model's maximum (default: min(model's maximum, 4096))"
 
 
-def add_model_args(p: argparse.ArgumentParser, kv_multi: bool = False, ctx_help: str | None = CTX_HELP) -> None:
-    """MODEL, -m, --device, --dtype, -t, --kv, and -c unless ctx_help is None."""
+UBATCH_HELP = ("the most tokens one forward pass takes: longer prompts are fed in chunks of N "
+               "(default: 2048 on the GPU, 512 on the CPU)")
+
+
+def add_model_args(p: argparse.ArgumentParser, kv_multi: bool = False, ctx_help: str | None = CTX_HELP,
+                   ubatch_help: str | None = UBATCH_HELP) -> None:
+    """MODEL, -m, --device, --dtype, -t, --kv, and -c and -ub unless their help is None."""
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="model directory (Hugging Face checkpoint or `minikv convert` output) or .gguf file "
                         "(converted into the cache on first use); default: SmolLM2-135M-Instruct, fetched "
@@ -41,6 +46,8 @@ def add_model_args(p: argparse.ArgumentParser, kv_multi: bool = False, ctx_help:
                         "whichever is faster at the time")
     if ctx_help is not None:
         p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N", help=ctx_help)
+    if ubatch_help is not None:
+        p.add_argument("-ub", "--ubatch-size", dest="ubatch", type=int, default=None, metavar="N", help=ubatch_help)
     kv_help = ("KV cache: METHOD[:BITS][,key=value...], e.g. fp16, kivi:2, patternkv:4,sink=4 "
                "(default fp16)")
     if kv_multi:

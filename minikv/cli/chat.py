@@ -64,7 +64,7 @@ def read_message(prompt: str) -> str | None:
 def run(args) -> int:
     params = sampling_params(args)
     model, tok = load(args)
-    session = Session(model, tok, kv=args.kv, ctx_size=args.ctx_size)
+    session = Session(model, tok, kv=args.kv, ctx_size=args.ctx_size, ubatch=args.ubatch)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty()

@@ -34,7 +34,7 @@ def run(args) -> int:
             raise MinikvError(f"--file {args.file}: cannot read ({e})") from None
     params = sampling_params(args)
     model, tok = load(args)
-    session = Session(model, tok, kv=args.kv, ctx_size=args.ctx_size)
+    session = Session(model, tok, kv=args.kv, ctx_size=args.ctx_size, ubatch=args.ubatch)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         ids = tok.encode(tok.render_chat(msgs + [{"role": "user", "content": prompt}]), add_special_tokens=False)

@@ -15,7 +15,7 @@ DEFAULT_TOKENS = 2048
 
 def add_parser(sub) -> None:
     p = sub.add_parser("kvstats", help="KV cache diagnostics per layer", description=__doc__)
-    add_model_args(p, kv_multi=True, ctx_help=None)
+    add_model_args(p, kv_multi=True, ctx_help=None, ubatch_help=None)
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text whose K/V are examined")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help=f"tokens to use (default {DEFAULT_TOKENS}, or the model's maximum if smaller)")

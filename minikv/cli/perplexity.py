@@ -15,13 +15,15 @@ DEFAULT_PREFILL = 512
 def add_parser(sub) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a text per KV cache method", description=__doc__)
     add_model_args(p, kv_multi=True, ctx_help="score the text in independent windows of N tokens, as "
-                   "llama-perplexity does (default and 0: the model's maximum)")
+                   "llama-perplexity does (default and 0: the model's maximum)",
+                   ubatch_help="feed the prefill in pieces of N tokens, as a session feeds a long prompt "
+                               "(default: in one piece)")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="score only the first N tokens (default: all)")
     p.add_argument("--prefill", type=int, default=None, metavar="P",
-                   help=f"tokens fed as one prefill before the chunked rest (default {DEFAULT_PREFILL}, "
-                        "or less in a shorter window)")
+                   help=f"tokens fed as a prefill (in -ub pieces) before the chunked rest "
+                        f"(default {DEFAULT_PREFILL}, or less in a shorter window)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per method: {"kv", "ppl", "tokens", "kv_bytes", "bits_per_value"}')
     p.set_defaults(func=run)
@@ -53,6 +55,13 @@ def window_size(args, cfg, n_tokens: int) -> int:
     return min(ctx, n_tokens)
 
 
+def ubatch_size(args) -> int | None:
+    """-ub: the prefill is fed in pieces of this many tokens (default: in one piece)."""
+    if args.ubatch is not None and args.ubatch < 1:
+        raise MinikvError(f"--ubatch-size {args.ubatch}: use 1 or more tokens")
+    return args.ubatch
+
+
 def prefill_size(args, window: int) -> int:
     if args.prefill is None:
         return min(DEFAULT_PREFILL, window - 1)
@@ -78,7 +87,7 @@ def run(args) -> int:
     bos = ids[0] if ids[0] == tok.bos_id else None
     for i, s in enumerate(specs):
         with Progress(len(ids), f"perplexity {s}", unit="tok") as bar:
-            r = perplexity(model, ids, s, prefill=prefill, ctx=ctx, bos=bos,
+            r = perplexity(model, ids, s, prefill=prefill, ctx=ctx, bos=bos, ubatch=ubatch_size(args),
                            progress=lambda n, ppl: bar.update_to(n, f"ppl {ppl:.4f}"))
         if args.json:
             print(json.dumps(r.as_dict()))
