@@ -188,4 +188,5 @@ def load_model(args):
     full = cli.parse_args([])
     for name, value in vars(args).items():
         setattr(full, name, value)
-    return load(full)
+    model, tok, _ = load(full)
+    return model, tok

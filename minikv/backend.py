@@ -31,6 +31,17 @@ class Backend:
     def to_host(self, a) -> np.ndarray:
         return a.get() if self.is_gpu else np.asarray(a)
 
+    def memory_free(self) -> int | None:
+        """Bytes free where this backend allocates: the GPU's free memory, or the host's available
+        memory (None where the system does not say)."""
+        if self.is_gpu:
+            return int(self.xp.cuda.runtime.memGetInfo()[0])
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+
     def synchronize(self) -> None:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()

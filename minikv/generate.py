@@ -75,6 +75,12 @@ class StopStrings:
         return out
 
 
+def default_ubatch(backend) -> int:
+    """llama.cpp's physical batch on the CPU; larger on a GPU, where a prompt piece of 2048 tokens
+    still keeps an 8B model's activations under a gigabyte."""
+    return 2048 if backend.is_gpu else 512
+
+
 class Session:
     def __init__(self, model, tokenizer: Tokenizer, kv: str = "fp16", ctx_size: int | None = None,
                  ubatch: int | None = None):
@@ -98,7 +104,7 @@ class Session:
         self.ctx_size = ctx
         if ubatch is not None and ubatch < 1:
             raise MinikvError(f"--ubatch-size {ubatch}: use 1 or more tokens")
-        self.ubatch = ubatch or (2048 if self.backend.is_gpu else 512)
+        self.ubatch = ubatch or default_ubatch(self.backend)
         self.cache = make_cache(parse_kv_spec(kv), model.kv_geometry, 1, ctx, self.backend)
         self.tokens: list[int] = []  # ids whose keys/values the cache holds
 

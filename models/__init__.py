@@ -1,6 +1,7 @@
 """Model architectures by HF `model_type`, and loading a model directory onto a backend."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,9 +32,17 @@ def expected_tensors(cfg: ModelConfig, n_tensors: int, where) -> dict[str, tuple
     return ARCHITECTURES[cfg.model_type][0].tensor_shapes(cfg)
 
 
-def load_model(model_dir: str | Path, backend: Backend, progress: Callable[[int, int], None] = lambda done, total: None):
-    """Read config.json, check every tensor, and build the model on `backend`.
-    `progress(bytes_loaded, bytes_total)` is called after each tensor."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model directory opened and checked (config, every tensor's presence and shape), before
+    anything is loaded: enough to plan memory."""
+    dir: Path
+    cfg: ModelConfig
+    ckpt: Checkpoint
+    shapes: dict[str, tuple[int, ...]]
+
+
+def open_model(model_dir: str | Path) -> ModelFiles:
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise MinikvError(f"{model_dir}: no such file or directory")
@@ -44,7 +53,13 @@ def load_model(model_dir: str | Path, backend: Backend, progress: Callable[[int,
     ckpt = Checkpoint(model_dir)
     shapes = expected_tensors(cfg, len(ckpt.files), model_dir)
     ckpt.check(shapes)
-    size = {n: ckpt.files[n].raw(n).nbytes for n in shapes}  # views of the mapped files: nothing is read
+    return ModelFiles(model_dir, cfg, ckpt, shapes)
+
+
+def build_model(files: ModelFiles, backend: Backend, progress: Callable[[int, int], None] = lambda done, total: None):
+    """The model on `backend`; `progress(bytes_loaded, bytes_total)` is called after each tensor."""
+    ckpt = files.ckpt
+    size = {n: ckpt.files[n].raw(n).nbytes for n in files.shapes}  # views of the mapped files: nothing is read
     total, done = sum(size.values()), 0
 
     def get(name):
@@ -54,4 +69,9 @@ def load_model(model_dir: str | Path, backend: Backend, progress: Callable[[int,
         progress(done, total)
         return t
 
-    return ARCHITECTURES[cfg.model_type][1](cfg, backend, get)
+    return ARCHITECTURES[files.cfg.model_type][1](files.cfg, backend, get)
+
+
+def load_model(model_dir: str | Path, backend: Backend, progress: Callable[[int, int], None] = lambda done, total: None):
+    """Read config.json, check every tensor, and build the model on `backend`."""
+    return build_model(open_model(model_dir), backend, progress)

@@ -111,19 +111,53 @@ def resolve_model_dir(args) -> str:
     return model
 
 
-def load(args):
-    """(model, tokenizer) for the command's MODEL and --device."""
-    from ..models import load_model
+def add_session_args(p: argparse.ArgumentParser) -> None:
+    """The memory planner's flags (generate, chat)."""
+    p.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
+                   help="memory the model may use on its device (default: what is free there)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the memory plan and each reply's timings")
+
+
+def session_ctx(args, files, backend) -> int:
+    """The context a session gets: -c as given, or the model's default, or with -c 0 the largest
+    that fits; refused before the weights load unless weights + KV + activations fit."""
+    from ..generate import default_ubatch
+    from ..plan import check, largest_ctx, plan, weight_bytes
+
+    cfg, n_max = files.cfg, files.cfg.max_position_embeddings
+    if args.ctx_size is not None and not 0 <= args.ctx_size <= n_max:
+        raise MinikvError(f"--ctx-size {args.ctx_size}: use 1 to {n_max} tokens (the model's "
+                          "max_position_embeddings), or 0 for the most that fits")
+    if args.gpu_mem is not None and not args.gpu_mem > 0:
+        raise MinikvError(f"--gpu-mem {args.gpu_mem}: use a positive number of GiB")
+    budget = int(args.gpu_mem * 2**30) if args.gpu_mem else backend.memory_free()
+    weights, ubatch = weight_bytes(files.shapes, backend.dtype), args.ubatch or default_ubatch(backend)
+    ctx = min(n_max, 4096) if args.ctx_size is None else args.ctx_size
+    if ctx == 0:
+        ctx = largest_ctx(cfg, weights, args.kv, ubatch, 1, backend, budget, n_max) or n_max
+    p = plan(cfg, weights, args.kv, ctx, ubatch, 1, backend, budget)
+    if args.verbose:
+        log(f"minikv: {p.describe()}")
+    check(p, cfg, ubatch, backend, f"{files.dir.name}:")
+    return ctx
+
+
+def load(args, planner=None):
+    """(model, tokenizer, planned) for the command's MODEL and --device; `planner(args, files,
+    backend)` runs once the model's files are checked, before its weights load (planned: what
+    it returns, else None)."""
+    from ..models import build_model, open_model
 
     backend = get_backend(args.device, args.dtype, args.threads)  # its errors before any fetch or conversion
-    model_dir = resolve_model_dir(args)
+    files = open_model(resolve_model_dir(args))
+    planned = planner(args, files, backend) if planner is not None else None
     with Progress(None, "loading", unit="B") as bar:
-        model = load_model(model_dir, backend, progress=lambda done, total: bar.update_to(done, total=total))
-    tok = Tokenizer.from_dir(model_dir)
+        model = build_model(files, backend, progress=lambda done, total: bar.update_to(done, total=total))
+    tok = Tokenizer.from_dir(files.dir)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise MinikvError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only "
+        raise MinikvError(f"{files.dir}: the tokenizer has {tok.vocab_size} tokens but the model only "
                           f"{model.cfg.vocab_size}; the tokenizer files belong to another model")
-    return model, tok
+    return model, tok, planned
 
 
 def log(msg: str) -> None:

@@ -11,14 +11,14 @@ from contextlib import contextmanager
 
 from ..errors import MinikvError
 from ..generate import Result, Session, Timings
-from .args import add_model_args, add_sampling_args, load, log, sampling_params
+from .args import add_model_args, add_sampling_args, add_session_args, load, log, sampling_params, session_ctx
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat", description=__doc__)
     add_model_args(p)
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each reply's timings on stderr")
+    add_session_args(p)
     add_sampling_args(p, default_max_tokens=-1)
     p.set_defaults(func=run)
 
@@ -63,8 +63,8 @@ def read_message(prompt: str) -> str | None:
 
 def run(args) -> int:
     params = sampling_params(args)
-    model, tok = load(args)
-    session = Session(model, tok, kv=args.kv, ctx_size=args.ctx_size, ubatch=args.ubatch)
+    model, tok, ctx = load(args, planner=session_ctx)
+    session = Session(model, tok, kv=args.kv, ctx_size=ctx, ubatch=args.ubatch)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import MinikvError
 from ..generate import Result, Session
-from .args import add_model_args, add_sampling_args, load, log, sampling_params
+from .args import add_model_args, add_sampling_args, add_session_args, load, log, sampling_params, session_ctx
 
 
 def add_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"text", "tokens", "prompt_tokens", "timings"} instead')
+    add_session_args(p)
     add_sampling_args(p, default_max_tokens=256)
     p.set_defaults(func=run)
 
@@ -33,8 +34,8 @@ def run(args) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise MinikvError(f"--file {args.file}: cannot read ({e})") from None
     params = sampling_params(args)
-    model, tok = load(args)
-    session = Session(model, tok, kv=args.kv, ctx_size=args.ctx_size, ubatch=args.ubatch)
+    model, tok, ctx = load(args, planner=session_ctx)
+    session = Session(model, tok, kv=args.kv, ctx_size=ctx, ubatch=args.ubatch)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         ids = tok.encode(tok.render_chat(msgs + [{"role": "user", "content": prompt}]), add_special_tokens=False)

@@ -54,7 +54,7 @@ def run(args) -> int:
     pattern_spec = next((s for s in specs if s.startswith("patternkv")), "patternkv:2")
     if args.plot:
         check_plot_path(args.plot)
-    model, tok = load(args)
+    model, tok, _ = load(args)
     n_max = model.cfg.max_position_embeddings
     if args.max_tokens is not None and args.max_tokens > n_max:
         raise MinikvError(f"--max-tokens {args.max_tokens} exceeds the model's max_position_embeddings ({n_max})")

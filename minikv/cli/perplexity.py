@@ -78,7 +78,7 @@ def run(args) -> int:
     specs = args.kv or ["fp16"]
     for s in specs:
         parse_kv_spec(s)  # fail on a bad spec before loading anything
-    model, tok = load(args)
+    model, tok, _ = load(args)
     ids = text_ids(tok, args.text, args.max_tokens)
     if len(ids) < 2:
         raise MinikvError(f"--text {args.text}: too short to score ({len(ids)} tokens; 2 or more are needed)")

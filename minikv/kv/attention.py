@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_MAX_SCORES = 1 << 26  # score-matrix elements per query block (256 MiB of float32)
+MAX_SCORES = 1 << 26  # score-matrix elements per query block (256 MiB of float32)
 
 
 def prefix_mask(xp, limit: np.ndarray, S: int):
@@ -38,7 +38,7 @@ def attention(xp, q, segments, scale: float):
     segs = [(k.transpose(0, 1, 3, 2)[:, :, None], v[:, :, None], limit) for k, v, limit in segments if k.shape[2]]
     S = sum(k.shape[-1] for k, _, _ in segs)
     out = xp.empty((B, Hkv, g, T, D), dtype=q.dtype)
-    step = max(1, _MAX_SCORES // max(1, B * H * S))
+    step = max(1, MAX_SCORES // max(1, B * H * S))
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         scores = []

@@ -31,9 +31,15 @@ class KVGeometry:
 
 class KVCache(ABC):
     method = "?"
+    # Bytes of fp16 K/V a method may hold while it quantizes a prompt (the memory planner adds them).
+    FIRST_FLUSH_BATCH_BYTES = 0
 
-    def __init__(self, geom: KVGeometry, batch: int, capacity: int, backend: Backend, attention: str = "auto"):
+    def __init__(self, geom: KVGeometry, batch: int, capacity: int, backend: Backend, attention: str = "auto",
+                 plan_only: bool = False):
+        """plan_only: allocate nothing, only count the bytes the buffers would take
+        (`allocated_bytes`, what the memory planner charges for this cache)."""
         self.geom, self.batch, self.capacity, self.backend = geom, batch, capacity, backend
+        self.plan_only, self.allocated_bytes = plan_only, 0
         self.xp = backend.xp
         self.fused = self._fused_kernel() if attention == "auto" else None  # else: reference array ops
         self.lengths = np.zeros(batch, dtype=np.int64)  # committed tokens per sequence (host)
@@ -50,8 +56,11 @@ class KVCache(ABC):
 
     def per_layer(self, shape, dtype) -> list:
         """A zeroed array of `shape` per layer: views of one allocation (one per layer would cost a
-        cache of a 32-layer model a few milliseconds of allocations and memsets)."""
-        return list(self.xp.zeros((self.geom.n_layers, *shape), dtype))
+        cache of a 32-layer model a few milliseconds of allocations and memsets). Every buffer a
+        cache keeps is made here, so `allocated_bytes` is exact."""
+        shape = (self.geom.n_layers, *shape)
+        self.allocated_bytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return [None] * self.geom.n_layers if self.plan_only else list(self.xp.zeros(shape, dtype))
 
     @classmethod
     def validate(cls, spec) -> None:

@@ -79,8 +79,8 @@ class ChunkedQuantCache(KVCache):
         cls.settings(spec)
 
     # -- state --------------------------------------------------------------------------------
-    def __init__(self, geom, batch, capacity, backend, spec, attention="auto"):
-        super().__init__(geom, batch, capacity, backend, attention)
+    def __init__(self, geom, batch, capacity, backend, spec, attention="auto", plan_only=False):
+        super().__init__(geom, batch, capacity, backend, attention, plan_only)
         self.spec, self.s = spec, self.settings(spec)
         self.G, self.S = self.s["g"], self.s["sink"]
         if self.S >= capacity:

@@ -13,10 +13,9 @@ class DenseCache(KVCache):
     method = "fp16"
     options: dict = {}
 
-    def __init__(self, geom, batch, capacity, backend, spec=None, attention="auto"):
-        super().__init__(geom, batch, capacity, backend, attention)
+    def __init__(self, geom, batch, capacity, backend, spec=None, attention="auto", plan_only=False):
+        super().__init__(geom, batch, capacity, backend, attention, plan_only)
         shape = (batch, geom.n_kv_heads, capacity, geom.head_dim)  # (B, Hkv, T, D) per layer
-        xp = self.xp
         self.k = self.per_layer(shape, backend.dtype)
         self.v = self.per_layer(shape, backend.dtype)
 

@@ -57,3 +57,15 @@ def make_cache(spec: KVSpec | str, geom, batch: int, capacity: int, backend, att
     if isinstance(spec, str):
         spec = parse_kv_spec(spec)
     return _METHODS[spec.method](geom, batch, capacity, backend, spec, attention=attention)
+
+
+def method_class(spec: KVSpec) -> type:
+    return _METHODS[spec.method]
+
+
+def cache_bytes(spec: KVSpec | str, geom, batch: int, capacity: int, backend) -> int:
+    """Bytes a cache of `spec` allocates for `capacity` tokens per sequence, counted by the
+    method's own constructor without allocating anything."""
+    if isinstance(spec, str):
+        spec = parse_kv_spec(spec)
+    return _METHODS[spec.method](geom, batch, capacity, backend, spec, plan_only=True).allocated_bytes
