@@ -7,10 +7,10 @@ import sys
 
 from .. import __version__
 from ..errors import MinikvError
-from . import chat, convert, generate, kvstats, perplexity
+from . import bench, chat, convert, generate, kvstats, perplexity
 from .args import Parser
 
-SUBCOMMANDS = [generate, chat, convert, perplexity, kvstats]
+SUBCOMMANDS = [generate, chat, convert, perplexity, kvstats, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
