@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-CTX_HELP = "context size in tokens, 0 = the model's maximum (default: min(model's maximum, 4096))"
+CTX_HELP = "context size in tokens, 0 = the largest that fits in memory (default: min(model's maximum, 4096))"
 
 
 UBATCH_HELP = ("the most tokens one forward pass takes: longer prompts are fed in chunks of N "
