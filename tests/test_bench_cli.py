@@ -29,3 +29,22 @@ def test_bad_bench_arguments(capsys):
     assert_error(capsys, "max_position_embeddings", "bench", str(STORIES), "-d", "600", "--device", "cpu")
     assert_error(capsys, "not both", "bench", str(STORIES), "--shape", "smollm2-135m", "--device", "cpu")
     assert_error(capsys, "comma-separated integers", "bench", str(STORIES), "-d", "1k", "--device", "cpu")
+
+
+def test_a_test_that_does_not_fit_is_refused_and_the_others_run(capsys):
+    from minikv.backend import get_backend
+    from minikv.bench import WARMUP
+    from minikv.models import open_model
+    from minikv.plan import plan, weight_bytes
+
+    cpu, files = get_backend("cpu"), open_model(STORIES)
+    w = weight_bytes(files.shapes, cpu.dtype)
+    need = [plan(files.cfg, w, "fp16", d + 32 + 4 + WARMUP + 1, 512, 1, cpu, None).total for d in (0, 400)]
+    budget = (need[0] + need[1]) / 2  # depth 0 fits, depth 400 does not
+    assert main(["bench", str(STORIES), "-p", "32", "-n", "4", "-d", "0,400", "--device", "cpu", "--json",
+                 "--gpu-mem", str(budget / 2**30)]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r.get("test", "refused") for r in rows] == ["pp32", "tg4", "refused"]
+    assert rows[2]["depth"] == 400 and "fp16 KV for 439 tokens" in rows[2]["refused"]
+    assert err.count("minikv: refused: stories260K:") == 1

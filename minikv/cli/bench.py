@@ -27,16 +27,21 @@ def add_parser(sub) -> None:
     p.add_argument("-n", "--n-gen", dest="gen", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("-d", "--n-depth", dest="depth", default="0", help="tokens already in the cache, comma-separated")
     p.add_argument("-b", "--batch", default="1", help="sequences decoded together, comma-separated")
+    p.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
+                   help="memory the model may use (default: what is free before it loads); a test whose "
+                        "plan does not fit is refused with the planner's message, the others run")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..backend import get_backend
-    from ..bench import copy_bandwidth, markdown, run as bench
+    from ..bench import WARMUP, copy_bandwidth, markdown, run as bench
     from ..generate import default_ubatch
     from ..kv import parse_kv_spec
-    from ..synthetic import synthetic_model
+    from ..models import ARCHITECTURES
+    from ..plan import check, plan, weight_bytes
+    from ..synthetic import synthetic_config, synthetic_model
 
     specs = args.kv or ["fp16"]
     for s in specs:
@@ -44,14 +49,22 @@ def run(args) -> int:
     depths, batches = int_list(args.depth), int_list(args.batch)
     if args.prompt < 1 or args.gen < 1 or min(depths + [0]) < 0 or min(batches + [1]) < 1:
         raise MinikvError("-p and -n take 1 or more tokens, -d 0 or more, -b 1 or more sequences")
+    if args.gpu_mem is not None and not args.gpu_mem > 0:
+        raise MinikvError(f"--gpu-mem {args.gpu_mem}: use a positive number of GiB")
     if args.shape:
         if args.model or args.model_flag:
             raise MinikvError("give MODEL or --shape, not both")
         backend = get_backend(args.device, args.dtype, args.threads)
+        budget = backend.memory_free()
+        cfg = synthetic_config(args.shape)
+        weights = weight_bytes(ARCHITECTURES[cfg.model_type][0].tensor_shapes(cfg), backend.dtype)
         model, name = synthetic_model(args.shape, backend), args.shape
     else:
-        model, _, _ = load(args)
-        name = Path(model_arg(args) or "default model").name
+        budget = []  # measured by the planner hook, before the weights load
+        model, _, weights = load(args, planner=lambda a, files, be: (budget.append(be.memory_free()),
+                                                                   weight_bytes(files.shapes, be.dtype))[1])
+        budget, name = budget[0], Path(model_arg(args) or "default model").name
+    budget = int(args.gpu_mem * 2**30) if args.gpu_mem else budget
     ubatch = args.ubatch or default_ubatch(model.backend)
     bw = copy_bandwidth(model.backend)
     rows = []
@@ -61,6 +74,15 @@ def run(args) -> int:
                 if d + args.prompt + args.gen > model.cfg.max_position_embeddings:
                     raise MinikvError(f"-d {d} + -p {args.prompt} + -n {args.gen} exceed the model's "
                                       f"max_position_embeddings ({model.cfg.max_position_embeddings})")
+                p = plan(model.cfg, weights, kv, d + args.prompt + args.gen + WARMUP + 1, ubatch, b,
+                         model.backend, budget)
+                try:
+                    check(p, model.cfg, ubatch, model.backend, f"{name}:")
+                except MinikvError as e:  # this test does not fit: say so, run the others
+                    log(f"minikv: refused: {e}")
+                    if args.json:
+                        print(json.dumps({"model": name, "kv": kv, "batch": b, "depth": d, "refused": str(e)}))
+                    continue
                 for r in bench(model, name, kv, b, d, args.prompt, args.gen, ubatch, bw):
                     rows.append(r)
                     if args.json:
