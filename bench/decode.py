@@ -16,18 +16,9 @@ import numpy as np
 
 from common import copy_bandwidth
 from minikv.backend import get_backend
+from minikv.bench import weight_bytes_read
 from minikv.kv import make_cache
 from minikv.synthetic import SHAPES, synthetic_model
-
-
-def weight_bytes(model) -> int:
-    xp = model.xp
-    seen, total = set(), 0
-    for obj in [model.embed, model.norm, model.lm_head] + [a for L in model.layers for a in vars(L).values()]:
-        if isinstance(obj, xp.ndarray) and id(obj) not in seen:
-            seen.add(id(obj))
-            total += obj.nbytes
-    return total - model.embed.nbytes * (model.lm_head is not model.embed)  # embed rows are gathered, not read
 
 
 def run(model, kv, ctx, batch, steps, backend):
@@ -76,7 +67,7 @@ def main():
         gemv_rows = cuda_ops.GEMV_ROWS
     for name in args.model:
         model = synthetic_model(name, backend)
-        wb = weight_bytes(model)
+        wb = weight_bytes_read(model)
         for kv in args.kv:
             for batch in args.batch:
                 for ctx in args.ctx:
