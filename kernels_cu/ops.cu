@@ -89,3 +89,26 @@ extern "C" __global__ void gather_rows(const __half* __restrict__ x, long long x
     const long long r = i / D8, s = r / T;
     out[i] = *reinterpret_cast<const uint4*>(x + (s / H) * xb + (s % H) * xh + (r % T) * xt + (i % D8) * 8);
 }
+
+// A step's keys and values into a cache buffer at offsets read on the device (so a captured
+// decode step writes each token where the step's row info says): for row b, the first n[b] =
+// rowinfo[b*6+3] tokens of the views k, v (B, H, T, D; strides kb, kh, kt in elements, rows
+// contiguous and 16-byte aligned) go to dst_k, dst_v (B, H, cap, D) contiguous at token
+// rowinfo[b*6+2] (the window length, or the cache length for fp16); v has its own strides
+// vb, vh, vt (Qwen3's normed k is a fresh array, v a view). One thread per 8 values.
+extern "C" __global__ void kv_append(const __half* __restrict__ k, const __half* __restrict__ v, long long kb,
+                                     long long kh, long long kt, long long vb, long long vh, long long vt, int H,
+                                     int T, int D8, uint4* __restrict__ dst_k, uint4* __restrict__ dst_v, int cap,
+                                     const int* __restrict__ rowinfo, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const long long r = i / D8;  // (b, h, t) row
+    const int t = (int)(r % T);
+    const long long s = r / T;  // b * H + h
+    const int b = (int)(s / H);
+    const int off = rowinfo[b * 6 + 2];
+    if (t >= rowinfo[b * 6 + 3] || off + t >= cap) return;
+    const long long c = (i % D8) * 8, dst = (s * cap + off + t) * D8 + i % D8;
+    dst_k[dst] = *reinterpret_cast<const uint4*>(k + (s / H) * kb + (s % H) * kh + (long long)t * kt + c);
+    dst_v[dst] = *reinterpret_cast<const uint4*>(v + (s / H) * vb + (s % H) * vh + (long long)t * vt + c);
+}

@@ -28,6 +28,14 @@ class Backend:
         """Host (or device) array -> this backend's array."""
         return self.xp.asarray(a, dtype=dtype)
 
+    def host_buffer(self, n: int, dtype) -> np.ndarray:
+        """A host array of n values that uploads asynchronously (page-locked on the GPU)."""
+        if not self.is_gpu or not n:
+            return np.zeros(n, dtype)
+        import cupyx
+
+        return cupyx.zeros_pinned(n, dtype)
+
     def to_host(self, a) -> np.ndarray:
         return a.get() if self.is_gpu else np.asarray(a)
 

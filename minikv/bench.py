@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .kv import make_cache
+from .stepper import Stepper
 
 WARMUP = 2  # decode steps before tg's clock starts (first launches, first flush of a window)
 
@@ -77,39 +78,32 @@ class _Peak:
         return self.peak
 
 
-def feed(model, cache, ids: np.ndarray, ubatch: int):
-    """ids (B, T) host ints into the cache in pieces of `ubatch`; logits after the last."""
-    for a in range(0, ids.shape[1], ubatch):
-        last = a + ubatch >= ids.shape[1]
-        logits = model.forward(ids[:, a:a + ubatch], cache, logits="last" if last else "none")
-    return logits
-
-
 def run(model, name: str, kv: str, batch: int, depth: int, p: int, n: int, ubatch: int, bandwidth,
-        seed: int = 0) -> list[BenchRow]:
+        seed: int = 0, graphs: bool = True) -> list[BenchRow]:
     be, xp = model.backend, model.xp
     rng = np.random.default_rng(seed)
     peak = _Peak(be)
     cache = make_cache(kv, model.kv_geometry, batch, depth + p + n + WARMUP + 1, be)
+    stepper = Stepper(model, cache, ubatch, graphs)  # a session's own path
     if depth:
-        feed(model, cache, rng.integers(0, model.cfg.vocab_size, (batch, depth)), ubatch)
+        stepper.feed(rng.integers(0, model.cfg.vocab_size, (batch, depth)))
     rows = []
     be.synchronize()
     t = time.perf_counter()
-    logits = feed(model, cache, rng.integers(0, model.cfg.vocab_size, (batch, p)), ubatch)
+    logits = stepper.feed(rng.integers(0, model.cfg.vocab_size, (batch, p)))
     be.synchronize()
     rows.append(BenchRow(name, kv, batch, depth, f"pp{p}", batch * p / (time.perf_counter() - t), peak.sample(), None))
     tokens = be.to_host(xp.argmax(logits, axis=-1))
     for i in range(WARMUP + n):  # one greedy token per sequence; its id crosses to the host, as in generate
         if i == WARMUP:
             t = time.perf_counter()
-        tokens = be.to_host(xp.argmax(model.forward(tokens[:, None], cache), axis=-1))
+        tokens = be.to_host(xp.argmax(stepper.decode(tokens), axis=-1))
     rate = n / (time.perf_counter() - t)
     roof = None
     if bandwidth:
         roof = 100 * (weight_bytes_read(model) + cache.nbytes()) * rate / (bandwidth * 1e9)
     rows.append(BenchRow(name, kv, batch, depth, f"tg{n}", batch * rate, peak.sample(), roof))
-    del cache
+    del stepper, cache
     return rows
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from .errors import NON_FINITE, MinikvError
 from .kv import make_cache, parse_kv_spec
 from .sampler import Sampler, SamplingParams
+from .stepper import Stepper
 from .tokenizer import TextStream, Tokenizer
 
 
@@ -83,9 +84,10 @@ def default_ubatch(backend) -> int:
 
 class Session:
     def __init__(self, model, tokenizer: Tokenizer, kv: str = "fp16", ctx_size: int | None = None,
-                 ubatch: int | None = None):
+                 ubatch: int | None = None, graphs: bool = True):
         """ubatch: the most tokens one forward takes; a longer prompt is fed in chunks of it, so
-        its activations do not grow with it (default: 2048 on the GPU, 512 on the CPU)."""
+        its activations do not grow with it (default: 2048 on the GPU, 512 on the CPU).
+        graphs: replay decode steps from CUDA graphs on the GPU (False: --no-graph)."""
         self.model, self.tok = model, tokenizer
         self.backend = model.backend
         cfg = model.cfg
@@ -106,6 +108,7 @@ class Session:
             raise MinikvError(f"--ubatch-size {ubatch}: use 1 or more tokens")
         self.ubatch = ubatch or default_ubatch(self.backend)
         self.cache = make_cache(parse_kv_spec(kv), model.kv_geometry, 1, ctx, self.backend)
+        self.stepper = Stepper(model, self.cache, self.ubatch, graphs)
         self.tokens: list[int] = []  # ids whose keys/values the cache holds
 
     def reset(self) -> None:
@@ -117,11 +120,8 @@ class Session:
         if len(self.tokens) + len(ids) > self.ctx_size:
             raise MinikvError(f"the prompt needs {len(self.tokens) + len(ids)} tokens but the context "
                               f"holds {self.ctx_size}; shorten it or raise --ctx-size")
-        for a in range(0, len(ids), self.ubatch):  # later chunks read what earlier ones stored
-            part = ids[a:a + self.ubatch]
-            last = a + self.ubatch >= len(ids)
-            logits = self.model.forward(np.asarray([part]), self.cache, logits="last" if last else "none")
-            self.tokens.extend(part)
+        logits = self.stepper.feed(np.asarray([ids]))
+        self.tokens.extend(ids)
         return logits[0]
 
     def prefill(self, ids: list[int]):

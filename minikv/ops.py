@@ -69,6 +69,14 @@ class ArrayOps:
         u = gate_up[..., n:].astype(np.float32)
         return (g / (1.0 + self.xp.exp(-g)) * u).astype(gate_up.dtype)
 
+    def kv_append(self, k, v, dst_k, dst_v, info, info_dev):
+        """Row b's first info[b, 3] tokens of k, v (B, H, T, D) into dst_k, dst_v (B, H, cap, D)
+        at token info[b, 2]; info (B, 6) host ints, info_dev the same on the device (the CUDA
+        kernel reads the offsets there, so a captured step writes where each replay says)."""
+        for b, (off, n) in enumerate(info[:, 2:4].tolist()):
+            dst_k[b, :, off:off + n] = k[b, :, :n]
+            dst_v[b, :, off:off + n] = v[b, :, :n]
+
     def contiguous(self, x):
         """A C-contiguous copy of x (or x itself if it already is one)."""
         return self.xp.ascontiguousarray(x)

@@ -24,11 +24,12 @@ def synthetic_config(name: str) -> ModelConfig:
                        attention_bias=name.startswith("qwen"))
 
 
-def synthetic_model(name: str, backend, seed: int = 0):
-    """A model of the named shape with N(0, 1/fan_in) weights (unit-scale activations)."""
+def synthetic_model(shape, backend, seed: int = 0):
+    """A model of the named shape (or of a ModelConfig) with N(0, 1/fan_in) weights (unit-scale
+    activations)."""
     from minikv.models import ARCHITECTURES, llama  # noqa: F401  (models sit above this module)
 
-    cfg = synthetic_config(name)
+    cfg = synthetic_config(shape) if isinstance(shape, str) else shape
     module, cls = ARCHITECTURES[cfg.model_type]
     shapes = module.tensor_shapes(cfg)
     xp = backend.xp

@@ -103,19 +103,29 @@ class LlamaModel:
                                       cfg.num_key_value_heads, cfg.head_dim, cfg.attn_scale)
 
     def forward(self, tokens, cache: KVCache, n_new=None, logits: str = "last"):
-        """Run `tokens` (host int (B, T), rows right-padded to `n_new[b]` valid tokens)
+        """Run `tokens` (int (B, T), host or device, rows right-padded to `n_new[b]` valid tokens)
         through the model, appending them to `cache`.
 
         Returns float32 logits on the device: (B, V) at each row's last valid token when
         logits="last", (B, T, V) for every position when logits="all", or None when
         logits="none" (a prompt's chunks before its last: the LM head is skipped).
         """
-        cfg, ops, dt, eps = self.cfg, self.ops, self.backend.dtype, self.cfg.rms_norm_eps
-        tokens = np.asarray(tokens, dtype=np.int64)
+        if isinstance(tokens, (list, tuple)):
+            tokens = np.asarray(tokens, dtype=np.int64)
         B, T = tokens.shape
-        n_new = np.full(B, T, dtype=np.int64) if n_new is None else np.asarray(n_new, dtype=np.int64)
-        start = cache.begin_step(n_new)  # (B,) position of each row's first new token
-        rope = self.rope.step(start[:, None] + np.arange(T)[None, :])
+        cache.begin_step(T if n_new is None else n_new)
+        out = self.run(tokens, cache, logits)
+        cache.end_step()
+        return out
+
+    def run(self, tokens, cache: KVCache, logits: str = "last"):
+        """The device work of a forward whose step `cache` has begun (forward's arguments). It
+        changes no host state beyond the cache's per-layer staging and reads positions from the
+        device, so a decode step can be captured as a CUDA graph and replayed (engine.Stepper)."""
+        cfg, ops, dt, eps, xp = self.cfg, self.ops, self.backend.dtype, self.cfg.rms_norm_eps, self.xp
+        B, T = tokens.shape
+        start = cache.start_dev.reshape(B, 1)  # (B, 1) int32 on the device
+        rope = self.rope.step(start if T == 1 else start + xp.arange(T, dtype=np.int32)[None, :])
         with ops.forward_pass(B * T):
             x = ops.embed(self.embed, tokens)  # (B, T, C) float32 residual stream
             h = ops.rms_norm(x, self.layers[0].input_norm, eps, dt)
@@ -124,11 +134,10 @@ class LlamaModel:
                 h = ops.add_rms_norm(x, self._attention(i, layer, h, cache, rope), layer.post_norm, eps, dt)
                 nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
                 h = ops.add_rms_norm(x, self._mlp(layer, h), nxt, eps, dt)
-            cache.end_step()
             if logits == "none":
                 return None
-            if logits == "last":
-                h = h[self.xp.arange(B), self.xp.asarray(n_new - 1)]  # (B, C)
+            if logits == "last":  # (B, C) at each row's last valid token
+                h = h[:, 0] if T == 1 else h[xp.arange(B), xp.asarray(cache.n_new - 1)]
             return ops.linear(h, self.lm_head).astype(np.float32)
 
     def _attention(self, i, L: Layer, h, cache, rope):

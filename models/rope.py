@@ -39,30 +39,27 @@ class Rope:
         self.inv_freq = xp.asarray(inv_freq(rope, head_dim))  # (D/2,)
 
     def step(self, positions) -> "RopeStep":
-        """The rotation of one forward: positions host int (B, T)."""
-        return RopeStep(self, np.asarray(positions))
+        """The rotation of one forward: positions (B, T) int32 on the device."""
+        return RopeStep(self, positions)
 
 
 class RopeStep:
-    """What the ops need to rotate one forward's q and k: positions (kernels compute the
+    """What the ops need to rotate one forward's q and k: the positions (kernels compute the
     angles themselves) or, for the array ops, the cos/sin tables, built on first use."""
 
-    def __init__(self, rope: Rope, positions: np.ndarray):
+    def __init__(self, rope: Rope, positions):
         self.rope, self.positions, self.inv_freq = rope, positions, rope.inv_freq
-        self._tables = self._device_positions = None
+        self._tables = None
 
     def device_positions(self):
-        """positions (B, T) as int32 on the device: one upload per forward, shared by every layer."""
-        if self._device_positions is None:
-            self._device_positions = self.rope.xp.asarray(np.ascontiguousarray(self.positions, dtype=np.int32))
-        return self._device_positions
+        """positions (B, T) int32 on the device, shared by every layer."""
+        return self.positions
 
     def cos_sin(self):
         """cos, sin (B, 1, T, D) float32 on the device."""
         if self._tables is None:
             xp = self.rope.xp
-            pos = xp.asarray(self.positions, dtype=np.float32)
-            freqs = pos[:, :, None] * self.inv_freq[None, None, :]  # (B, T, D/2)
+            freqs = self.positions.astype(np.float32)[:, :, None] * self.inv_freq[None, None, :]  # (B, T, D/2)
             emb = xp.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, T, D)
             self._tables = (xp.cos(emb), xp.sin(emb))
         return self._tables

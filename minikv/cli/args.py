@@ -111,10 +111,16 @@ def resolve_model_dir(args) -> str:
     return model
 
 
+def add_graph_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-graph", dest="graphs", action="store_false",
+                   help="run every decode step op by op instead of replaying CUDA graphs (for debugging)")
+
+
 def add_session_args(p: argparse.ArgumentParser) -> None:
-    """The memory planner's flags (generate, chat)."""
+    """The memory planner's flags and --no-graph (generate, chat)."""
     p.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
                    help="memory the model may use on its device (default: what is free there)")
+    add_graph_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print the memory plan and each reply's timings")
 
 

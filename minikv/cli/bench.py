@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MinikvError
-from .args import add_model_args, load, log, model_arg
+from .args import add_graph_arg, add_model_args, load, log, model_arg
 
 
 def int_list(text: str) -> list[int]:
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
                    help="memory the model may use (default: what is free before it loads); a test whose "
                         "plan does not fit is refused with the planner's message, the others run")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
+    add_graph_arg(p)
     p.set_defaults(func=run)
 
 
@@ -83,7 +84,7 @@ def run(args) -> int:
                     if args.json:
                         print(json.dumps({"model": name, "kv": kv, "batch": b, "depth": d, "refused": str(e)}))
                     continue
-                for r in bench(model, name, kv, b, d, args.prompt, args.gen, ubatch, bw):
+                for r in bench(model, name, kv, b, d, args.prompt, args.gen, ubatch, bw, graphs=args.graphs):
                     rows.append(r)
                     if args.json:
                         print(json.dumps(r.as_dict()), flush=True)

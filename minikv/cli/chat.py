@@ -64,7 +64,7 @@ def read_message(prompt: str) -> str | None:
 def run(args) -> int:
     params = sampling_params(args)
     model, tok, ctx = load(args, planner=session_ctx)
-    session = Session(model, tok, kv=args.kv, ctx_size=ctx, ubatch=args.ubatch)
+    session = Session(model, tok, kv=args.kv, ctx_size=ctx, ubatch=args.ubatch, graphs=args.graphs)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty()

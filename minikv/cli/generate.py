@@ -35,7 +35,7 @@ def run(args) -> int:
             raise MinikvError(f"--file {args.file}: cannot read ({e})") from None
     params = sampling_params(args)
     model, tok, ctx = load(args, planner=session_ctx)
-    session = Session(model, tok, kv=args.kv, ctx_size=ctx, ubatch=args.ubatch)
+    session = Session(model, tok, kv=args.kv, ctx_size=ctx, ubatch=args.ubatch, graphs=args.graphs)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
         ids = tok.encode(tok.render_chat(msgs + [{"role": "user", "content": prompt}]), add_special_tokens=False)

@@ -92,7 +92,7 @@ class FusedAttention:
     MIN_KEYS = 0
 
     def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None,
-                 warps: int | None = None, keys_per_pattern: int | None = None):
+                 warps: int | None = None, keys_per_pattern: int | None = None, max_heads: int = 0):
         if head_dim not in (64, 128):
             raise ValueError(f"the fused attention kernel takes head_dim 64 or 128, not {head_dim}")
         self.cp, self.D = cp, head_dim
@@ -111,8 +111,9 @@ class FusedAttention:
         self.keys_per_pattern = self.KEYS_PER_PATTERN if keys_per_pattern is None else keys_per_pattern
         self.min_keys = self.MIN_KEYS
         self._reduce = kernel("attention", "attend_reduce")
-        self._counters = cp.zeros(0, np.int32)  # decode: blocks finished per kv head (decode_merge.cuh)
-        self._rowinfo = (b"", None)  # the last rowinfo and its device copy: every layer of a step shares it
+        # decode: blocks finished per kv head (decode_merge.cuh); sized up front for a cache's
+        # B * Hkv heads, so a captured step never sees them reallocated
+        self._counters = cp.zeros(max_heads, np.int32)
 
     def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int, warps: int = 0):
         """rows: 16 or 64 (attention.cu's row tile), 0 for decode.cu's kernel (warps per block)."""
@@ -128,11 +129,14 @@ class FusedAttention:
         return k
 
     def __call__(self, q, rowinfo: np.ndarray, scale: float, sinks, window, step, storage: Storage,
-                 tiles: int):
+                 tiles: int, rowinfo_dev=None):
         """q (B, H, T, D) fp16 (any strides, last dim contiguous); rowinfo host int (B, 6):
-        sinks, chunks, window, step tokens, step offset, patterns per sequence; sinks/window: (k, v)
-        contiguous (B, Hkv, cap, D) fp16 or None; step: (k, v) (B, Hkv, T', D) fp16 views with
-        a contiguous last dim; tiles: the most key tiles any sequence has (sizes the split).
+        sinks, chunks, window, step tokens, step offset, patterns per sequence, and rowinfo_dev the
+        same as int32 on the device (None: uploaded here); the kernels read the device copy, the
+        host one only picks the kernel and sizes its tables. sinks/window: (k, v) contiguous
+        (B, Hkv, cap, D) fp16 or None; step: (k, v) (B, Hkv, T', D) fp16 views with a contiguous
+        last dim; tiles: at least the most key tiles any sequence has (sizes the split; the
+        kernels split each row's own tiles, so more is only slower).
         Returns (B, H, T, D), a view of a (B, T, H, D) buffer."""
         cp, D = self.cp, self.D
         B, H, T, _ = q.shape
@@ -169,10 +173,9 @@ class FusedAttention:
         # to half the time).
         per_sm = min(self.smem_sm // (smem + 1024), self.regs_sm // (kern.num_regs * threads), 16)
         n_split = max(1, min(max(1, per_sm) * self.sms // blocks, -(-max(tiles, 1) // min_tiles)))
-        host = np.ascontiguousarray(rowinfo, dtype=np.int32)
-        if host.tobytes() != self._rowinfo[0]:
-            self._rowinfo = (host.tobytes(), cp.asarray(host))
-        ri = check("rowinfo", self._rowinfo[1], np.int32, (B, 6))
+        if rowinfo_dev is None:
+            rowinfo_dev = cp.asarray(np.ascontiguousarray(rowinfo, dtype=np.int32))
+        ri = check("rowinfo", rowinfo_dev, np.int32, (B, 6))
         sink_k, sink_v = sinks if sinks is not None else (self._null_h, self._null_h)
         win_k, win_v = window if window is not None else (self._null_h, self._null_h)
         for name, a in (("sink k", sink_k), ("sink v", sink_v), ("window k", win_k), ("window v", win_v)):
@@ -213,7 +216,13 @@ class FusedAttention:
 
 
 def tiles_per_row(sinks, chunks, window, step, G: int) -> int:
-    """Key tiles of the longest sequence (host ints or arrays)."""
-    t = (-(-np.asarray(sinks) // TILE) + np.asarray(chunks) * (G // TILE) + -(-np.asarray(window) // TILE)
-         + -(-np.asarray(step) // TILE))
-    return int(np.max(t))
+    """Key tiles of the longest sequence (host ints or arrays), rounded up to 16 or to one of four
+    steps per octave above (16, 20, 24, 28, 32, 40, ...): the split, and so a decode step's
+    launches, change only at those steps, and a captured step is replayed until then (the decode
+    kernel gives each block >= 16 tiles anyway: at most one split below 1024 keys)."""
+    t = int(np.max(-(-np.asarray(sinks) // TILE) + np.asarray(chunks) * (G // TILE) + -(-np.asarray(window) // TILE)
+                   + -(-np.asarray(step) // TILE)))
+    if t <= 16:
+        return 16
+    q = 1 << (t.bit_length() - 3)  # a quarter of the octave t lies in
+    return -(-t // q) * q

@@ -26,7 +26,7 @@ def _row_threads(C: int) -> int:
 class CudaOps(ArrayOps):
     def __init__(self, cp):
         super().__init__(cp)
-        self._k = {n: kernel("ops", n) for n in ("rms_norm", "add_rms_norm", "rope_qkv", "swiglu", "embed", "gather_rows")}
+        self._k = {n: kernel("ops", n) for n in ("rms_norm", "add_rms_norm", "rope_qkv", "swiglu", "embed", "gather_rows", "kv_append")}
         self._gemv: dict = {}  # rows -> gemv<rows>, compiled on first use
 
     def linear(self, x, w, b=None):
@@ -85,7 +85,7 @@ class CudaOps(ArrayOps):
         if table.dtype != np.float16:
             return super().embed(table, tokens)
         check("embed table", table, np.float16)
-        tok = self.xp.asarray(np.ascontiguousarray(tokens, dtype=np.int64))
+        tok = self.xp.ascontiguousarray(self.xp.asarray(tokens), dtype=np.int64)  # host ids, or the device's
         B, T = tok.shape
         C = table.shape[1]
         x = self.xp.empty((B, T, C), dtype=np.float32)
@@ -115,6 +115,23 @@ class CudaOps(ArrayOps):
         n = out.size
         self._k["swiglu"](((n + _THREADS - 1) // _THREADS,), (_THREADS,), (gate_up, out, i32(I2 // 2), np.int64(n)))
         return out
+
+    def kv_append(self, k, v, dst_k, dst_v, info, info_dev):
+        B, H, T, D = k.shape
+        if (k.dtype != np.float16 or v.dtype != np.float16 or dst_k.dtype != np.float16 or v.shape != k.shape
+                or D % 8 or k.strides[3] != 2 or v.strides[3] != 2 or any(st % 16 for st in k.strides[:3] + v.strides[:3])
+                or k.data.ptr % 16 or v.data.ptr % 16 or not k.size):
+            if self.xp.cuda.get_current_stream().is_capturing():  # host offsets would be baked into the graph
+                raise RuntimeError(f"kv_append: no kernel for k {k.shape} {k.dtype} strides {k.strides} in a captured step")
+            return super().kv_append(k, v, dst_k, dst_v, info, info_dev)
+        cap = dst_k.shape[2]
+        for name, a in (("kv_append dst k", dst_k), ("kv_append dst v", dst_v)):
+            check(name, a, np.float16, (B, H, None, D))
+        check("kv_append rowinfo", info_dev, np.int32, (B, 6))
+        n = k.size // 8
+        self._k["kv_append"](((n + _THREADS - 1) // _THREADS,), (_THREADS,),
+                             (k, v, *(np.int64(st // 2) for st in k.strides[:3] + v.strides[:3]), i32(H), i32(T), i32(D // 8),
+                              dst_k, dst_v, i32(cap), info_dev, np.int64(n)))
 
     def contiguous(self, x):
         """gather_rows for a strided 4-D fp16 view with aligned contiguous rows (the k/v heads of

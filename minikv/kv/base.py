@@ -8,6 +8,10 @@ forward. Per forward the model calls
     cache.end_step()                       # commit the new tokens
 
 so the model never knows how (or whether) keys and values are quantized.
+
+begin_step also publishes the step's row info (what the kernels read: per layer and sequence,
+the segments' lengths) and each row's start position to the device, in one copy: a step whose
+launches depend on nothing else (`graph_key`) can be captured as a CUDA graph and replayed.
 """
 from __future__ import annotations
 
@@ -44,6 +48,15 @@ class KVCache(ABC):
         self.fused = self._fused_kernel() if attention == "auto" else None  # else: reference array ops
         self.lengths = np.zeros(batch, dtype=np.int64)  # committed tokens per sequence (host)
         self.n_new = np.zeros(batch, dtype=np.int64)  # tokens being added in the current step
+        self.tiles = 0  # key tiles of the step's longest row, bucketed (sizes the attention's split)
+        # The step's row info (L, B, 6) and start positions (B,), one int32 buffer on each side
+        # (a few kilobytes: the planner's workspace covers them, allocated_bytes counts K/V storage).
+        L, n = geom.n_layers, geom.n_layers * batch * 6
+        self._info_host = backend.host_buffer(0 if plan_only else n + batch, np.int32)
+        self._info_dev = self._info_host if not backend.is_gpu or plan_only else self.xp.zeros(n + batch, np.int32)
+        self.rowinfo_host = self._info_host[:n].reshape(L, batch, 6) if not plan_only else None
+        self.rowinfo_dev = self._info_dev[:n].reshape(L, batch, 6) if not plan_only else None
+        self.start_dev = self._info_dev[n:] if not plan_only else None  # (B,) positions of the step's first tokens
 
     def _fused_kernel(self):
         """The fused CUDA attention where this cache's geometry allows it (fp16 compute, head_dim
@@ -52,7 +65,7 @@ class KVCache(ABC):
             return None
         from ..cuda.attention import FusedAttention
 
-        return FusedAttention(self.xp, self.geom.head_dim)
+        return FusedAttention(self.xp, self.geom.head_dim, max_heads=self.batch * self.geom.n_kv_heads)
 
     def per_layer(self, shape, dtype) -> list:
         """A zeroed array of `shape` per layer: views of one allocation (one per layer would cost a
@@ -77,7 +90,27 @@ class KVCache(ABC):
             raise MinikvError(f"context full: {int(end.max())} tokens do not fit in the context of "
                               f"{self.capacity}; use a shorter prompt or a larger --ctx-size")
         self.n_new = n_new
+        self._plan_step()
+        self.write_rowinfo(self.rowinfo_host)
+        self._info_host[-self.batch:] = self.lengths
+        if self._info_dev is not self._info_host:
+            self._info_dev.set(self._info_host)  # pinned: asynchronous, ordered before the step's kernels
         return self.lengths.copy()
+
+    def _plan_step(self) -> None:
+        """Host bookkeeping of the step just begun (n_new set), before its row info is written."""
+
+    def write_rowinfo(self, info: np.ndarray) -> None:
+        """Fill info (L, B, 6) with what the attention kernels read per layer and sequence: sink
+        tokens, quantized chunks, window tokens, step tokens, the step's offset in the window
+        buffer, patterns (see cuda.attention.FusedAttention), and set `tiles`."""
+
+    def graph_key(self):
+        """None where this step cannot be replayed from a captured CUDA graph (it changes how the
+        history is stored, or runs without the fused kernel); else a hashable of every host value
+        its launches depend on beyond the row info on the device (a graph captured for the key
+        is valid for every step with the same key)."""
+        return None
 
     def end_step(self) -> None:
         self.lengths = self.lengths + self.n_new

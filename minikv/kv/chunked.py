@@ -104,6 +104,7 @@ class ChunkedQuantCache(KVCache):
         self._step: list = [None] * geom.n_layers  # this step's (k, v) per layer until commit
         self._groups: list = []
         self._flushing = np.zeros(batch, dtype=np.int64)
+        self._window_only = False  # this step only appends to the windows (see _plan_step)
         self._pending: list = []  # first flushes waiting: (layer, rows, n chunks, xk, xv)
         self._pending_bytes = 0
         self.allocate()
@@ -143,8 +144,7 @@ class ChunkedQuantCache(KVCache):
         return row_index(self.xp, rows)
 
     # -- stepping -----------------------------------------------------------------------------
-    def begin_step(self, n_new):
-        start = super().begin_step(n_new)
+    def _plan_step(self):
         end = self.lengths + self.n_new
         w = end - self._window_start()  # window tokens once this step's are in
         self._flushing = np.where(w >= self.flush_at, (w - self.flush_at) // self.G + 1, 0)
@@ -154,7 +154,23 @@ class ChunkedQuantCache(KVCache):
             key = (int(self.lengths[b]), int(self.n_new[b]), int(self.n_chunks[b]), int(self._flushing[b]))
             groups.setdefault(key, []).append(b)
         self._groups = [(np.asarray(rows), *key) for key, rows in groups.items()]
-        return start
+        # Only window writes (no sinks, no flush): one kv_append at offsets read on the device.
+        self._window_only = not self._flushing.any() and bool((self.lengths >= self.S).all())
+
+    def write_rowinfo(self, info):
+        from ..cuda.attention import tiles_per_row
+
+        sl, wl = np.minimum(self.lengths, self.S), self._window_len()
+        info[:] = np.stack([sl, self.n_chunks, wl, self.n_new, 0 * sl, 0 * sl], axis=1)
+        info[:, :, 5] = self.pattern_counts()
+        self.tiles = tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G)
+
+    def graph_key(self):
+        if self.fused is None or not self._window_only or (self.n_new != 1).any():
+            return None
+        # the lean fp16 kernel before the first chunk; patternkv's tables sized per layer
+        return (self.method, self.tiles, bool(self.n_chunks.any()),
+                tuple((-(-self.rowinfo_host[:, :, 5].max(axis=1) // 64)).tolist()))
 
     def _store(self, x):
         # The window and sinks are fp16 in the format, whatever the compute dtype.
@@ -189,18 +205,13 @@ class ChunkedQuantCache(KVCache):
         return attention(self.xp, q, segs, self.geom.scale)
 
     def _attend_fused(self, layer, q):
-        from ..cuda.attention import tiles_per_row
-
-        sl, wl = np.minimum(self.lengths, self.S), self._window_len()
-        info = np.stack([sl, self.n_chunks, wl, self.n_new, np.zeros_like(sl), self.pattern_counts(layer)], axis=1)
         sinks = (self.sink_k[layer], self.sink_v[layer]) if self.S else None
-        return self.fused(q, info, self.geom.scale, sinks, (self.win_k[layer], self.win_v[layer]),
-                          self._step[layer], self.kernel_storage(layer),
-                          tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G))
+        return self.fused(q, self.rowinfo_host[layer], self.geom.scale, sinks, (self.win_k[layer], self.win_v[layer]),
+                          self._step[layer], self.kernel_storage(layer), self.tiles, self.rowinfo_dev[layer])
 
-    def pattern_counts(self, layer: int) -> np.ndarray:
-        """(B,) patterns each sequence holds in `layer` (methods without patterns: none)."""
-        return np.zeros(self.batch, dtype=np.int64)
+    def pattern_counts(self) -> np.ndarray | int:
+        """(L, B) patterns each sequence holds per layer (methods without patterns: 0)."""
+        return 0
 
     def kernel_storage(self, layer: int):
         """The packed chunks of `layer` as the fused kernel reads them (a cuda.attention.Storage)."""
@@ -213,6 +224,10 @@ class ChunkedQuantCache(KVCache):
         k, v = self._step[layer]
         self._step[layer] = None
         G, xp = self.G, self.xp
+        if self._window_only:
+            self.backend.ops.kv_append(k, v, self.win_k[layer], self.win_v[layer], self.rowinfo_host[layer],
+                                       self.rowinfo_dev[layer])
+            return
         for rows, s0, n, c0, f in self._groups:
             r = self._ix(rows)
             ns = max(0, min(self.S - s0, n))  # step tokens that are sinks

@@ -19,28 +19,31 @@ class DenseCache(KVCache):
         self.k = self.per_layer(shape, backend.dtype)
         self.v = self.per_layer(shape, backend.dtype)
 
+    def write_rowinfo(self, info):
+        from ..cuda.attention import tiles_per_row
+
+        # history tokens in the "window" segment, this step's keys right behind them (same buffer)
+        info[:] = np.stack([0 * self.lengths, 0 * self.lengths, self.lengths, self.n_new, self.lengths,
+                            0 * self.lengths], axis=1)
+        self.tiles = tiles_per_row(0, 0, self.lengths, self.n_new, 64)
+
+    def graph_key(self):
+        if self.fused is None or (self.n_new != 1).any():
+            return None
+        return ("fp16", self.tiles)
 
     def update(self, layer, k, v):
-        T = k.shape[2]
-        s = self.lengths
-        if (s == s[0]).all() and (self.n_new == T).all():
-            self.k[layer][:, :, s[0]:s[0] + T] = k
-            self.v[layer][:, :, s[0]:s[0] + T] = v
-            return
-        for b in range(self.batch):  # ragged batch: each row writes its own valid tokens
-            lo, n = int(s[b]), int(self.n_new[b])
-            self.k[layer][b, :, lo:lo + n] = k[b, :, :n]
-            self.v[layer][b, :, lo:lo + n] = v[b, :, :n]
+        # each row's valid tokens at its own length, offsets read on the device
+        self.backend.ops.kv_append(k, v, self.k[layer], self.v[layer], self.rowinfo_host[layer],
+                                   self.rowinfo_dev[layer])
 
     def attend(self, layer, q):
-        if self.fused is not None:  # the history, then this step's keys (same buffer, causal)
-            from ..cuda.attention import Storage, tiles_per_row
+        if self.fused is not None:
+            from ..cuda.attention import Storage
 
-            z = np.zeros_like(self.lengths)
-            info = np.stack([z, z, self.lengths, self.n_new, self.lengths, z], axis=1)
             kv = (self.k[layer], self.v[layer])
-            return self.fused(q, info, self.geom.scale, None, kv, kv, Storage("fp16"),
-                              tiles_per_row(0, 0, self.lengths, self.n_new, 64))
+            return self.fused(q, self.rowinfo_host[layer], self.geom.scale, None, kv, kv, Storage("fp16"),
+                              self.tiles, self.rowinfo_dev[layer])
         S = int((self.lengths + self.n_new).max())
         limit = causal_limits(self.lengths, self.n_new, q.shape[2])
         return attention(self.xp, q, [(self.k[layer][:, :, :S], self.v[layer][:, :, :S], limit)], self.geom.scale)

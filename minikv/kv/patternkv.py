@@ -110,8 +110,8 @@ class PatternKVCache(KiviCache):
                                           self.vidx[L], rows, c0 * G, hat)
         return k_hat, v_hat
 
-    def pattern_counts(self, layer):
-        return self.count[layer]
+    def pattern_counts(self):
+        return self.count
 
     def kernel_storage(self, layer):
         st = super().kernel_storage(layer)

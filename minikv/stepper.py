@@ -1,0 +1,49 @@
+"""How a model's forwards run over one cache, for a session and for `minikv bench` alike: a
+prompt in pieces of `ubatch` tokens (its activations do not grow with it), and decode steps
+replayed from CUDA graphs wherever the cache allows (cuda/graphs.py), else run eagerly."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Stepper:
+    def __init__(self, model, cache, ubatch: int, graphs: bool = True):
+        """graphs: replay captured decode steps on the GPU (False: every step eager, --no-graph)."""
+        from .cuda.ops import GEMV_ROWS
+
+        self.model, self.cache, self.ubatch = model, cache, ubatch
+        be, B = model.backend, cache.batch
+        # A captured step may not call cuBLAS: its matmuls must fit gemv.cu (at most GEMV_ROWS rows).
+        self.graphs = None
+        if graphs and be.is_gpu and cache.fused is not None and B <= GEMV_ROWS:
+            from .cuda.graphs import GraphCache
+
+            self.graphs = GraphCache(be.xp)
+        self._tokens_host = be.host_buffer(B, np.int64)
+        self._tokens_dev = be.xp.zeros((B, 1), np.int64) if self.graphs else None
+
+    def feed(self, ids):
+        """ids (B, T) host ints, appended to the cache: one decode step when T == 1, else the
+        prompt in ubatch pieces, later pieces reading what earlier ones stored. Returns the
+        float32 logits (B, V) after each row's last token, valid until the next step."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape[1] == 1:
+            return self.decode(ids[:, 0])
+        for a in range(0, ids.shape[1], self.ubatch):
+            last = a + self.ubatch >= ids.shape[1]
+            logits = self.model.forward(ids[:, a:a + self.ubatch], self.cache, logits="last" if last else "none")
+        return logits
+
+    def decode(self, tokens):
+        """One token per sequence, tokens (B,) host ints -> logits (B, V)."""
+        cache, model = self.cache, self.model
+        cache.begin_step(1)
+        key = cache.graph_key() if self.graphs is not None else None
+        if key is None:
+            out = model.run(np.asarray(tokens, dtype=np.int64).reshape(-1, 1), cache)
+        else:
+            self._tokens_host[:] = tokens
+            self._tokens_dev.set(self._tokens_host.reshape(-1, 1))
+            out = self.graphs.run(key, lambda: model.run(self._tokens_dev, cache))
+        cache.end_step()
+        return out
