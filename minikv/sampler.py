@@ -19,7 +19,9 @@ class SamplingParams:
     top_p: float = 0.95  # 1.0: off
     min_p: float = 0.05  # 0.0: off
     repeat_penalty: float = 1.0  # 1.0: off
-    repeat_last_n: int = 64  # how many recent tokens the penalty looks at (-1: all)
+    repeat_last_n: int = 64  # how many recent tokens the penalties look at (-1: all)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each recent token's logit
+    frequency_penalty: float = 0.0  # and this times how often it occurred
     seed: int | None = None
 
     def __post_init__(self):
@@ -54,12 +56,15 @@ class Sampler:
 
     def _draw(self, logits, history: list[int]):
         xp, p = self.xp, self.p
-        if p.repeat_penalty != 1.0 and history:
+        if (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty) and history:
             recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n:]
-            ids = xp.asarray(np.unique(np.asarray(recent, dtype=np.int64)))
+            uniq, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
+            ids = xp.asarray(uniq)
             seen = logits[ids]
             logits = logits.copy()
-            logits[ids] = xp.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+            seen = xp.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+            penalty = p.presence_penalty + p.frequency_penalty * counts.astype(np.float32)  # llama.cpp's order
+            logits[ids] = seen - xp.asarray(penalty, dtype=np.float32)
         if p.greedy:
             return xp.argmax(logits)
         V = logits.shape[0]

@@ -34,10 +34,12 @@ class Stepper:
             logits = self.model.forward(ids[:, a:a + self.ubatch], self.cache, logits="last" if last else "none")
         return logits
 
-    def decode(self, tokens):
-        """One token per sequence, tokens (B,) host ints -> logits (B, V)."""
+    def decode(self, tokens, n_new=1):
+        """One token per sequence, tokens (B,) host ints -> logits (B, V). n_new (B,) 0 or 1: rows
+        with 0 (a server's idle slots) take no token, and their logits mean nothing; such a
+        step runs eagerly."""
         cache, model = self.cache, self.model
-        cache.begin_step(1)
+        cache.begin_step(n_new)
         key = cache.graph_key() if self.graphs is not None else None
         if key is None:
             out = model.run(np.asarray(tokens, dtype=np.int64).reshape(-1, 1), cache)

@@ -124,9 +124,10 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print the memory plan and each reply's timings")
 
 
-def session_ctx(args, files, backend) -> int:
-    """The context a session gets: -c as given, or the model's default, or with -c 0 the largest
-    that fits; refused before the weights load unless weights + KV + activations fit."""
+def session_ctx(args, files, backend, batch: int = 1) -> int:
+    """The context each of `batch` sequences gets: -c as given, or the model's default, or with
+    -c 0 the largest that fits; refused before the weights load unless weights + KV +
+    activations fit."""
     from ..generate import default_ubatch
     from ..plan import check, largest_ctx, plan, weight_bytes
 
@@ -140,8 +141,8 @@ def session_ctx(args, files, backend) -> int:
     weights, ubatch = weight_bytes(files.shapes, backend.dtype), args.ubatch or default_ubatch(backend)
     ctx = min(n_max, 4096) if args.ctx_size is None else args.ctx_size
     if ctx == 0:
-        ctx = largest_ctx(cfg, weights, args.kv, ubatch, 1, backend, budget, n_max) or n_max
-    p = plan(cfg, weights, args.kv, ctx, ubatch, 1, backend, budget)
+        ctx = largest_ctx(cfg, weights, args.kv, ubatch, batch, backend, budget, n_max) or n_max
+    p = plan(cfg, weights, args.kv, ctx, ubatch, batch, backend, budget)
     if args.verbose:
         log(f"minikv: {p.describe()}")
     check(p, cfg, ubatch, backend, f"{files.dir.name}:")
@@ -152,18 +153,30 @@ def load(args, planner=None):
     """(model, tokenizer, planned) for the command's MODEL and --device; `planner(args, files,
     backend)` runs once the model's files are checked, before its weights load (planned: what
     it returns, else None)."""
-    from ..models import build_model, open_model
+    backend, files, planned = prepare(args, planner)
+    return (*load_weights(files, backend), planned)
+
+
+def prepare(args, planner=None):
+    """(backend, files, planned): everything before the weights load, where input errors show."""
+    from ..models import open_model
 
     backend = get_backend(args.device, args.dtype, args.threads)  # its errors before any fetch or conversion
     files = open_model(resolve_model_dir(args))
-    planned = planner(args, files, backend) if planner is not None else None
+    return backend, files, planner(args, files, backend) if planner is not None else None
+
+
+def load_weights(files, backend):
+    """(model, tokenizer) of checked model files (prepare's)."""
+    from ..models import build_model
+
     with Progress(None, "loading", unit="B") as bar:
         model = build_model(files, backend, progress=lambda done, total: bar.update_to(done, total=total))
     tok = Tokenizer.from_dir(files.dir)
     if tok.vocab_size > model.cfg.vocab_size:
         raise MinikvError(f"{files.dir}: the tokenizer has {tok.vocab_size} tokens but the model only "
                           f"{model.cfg.vocab_size}; the tokenizer files belong to another model")
-    return model, tok, planned
+    return model, tok
 
 
 def log(msg: str) -> None:

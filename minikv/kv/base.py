@@ -133,19 +133,22 @@ class KVCache(ABC):
         """Finish this step's storage for `layer` without attending (for diagnostics)."""
 
     # -- session management -------------------------------------------------------------
-    def reset(self) -> None:
-        self.lengths[:] = 0
+    # rows: the sequences concerned, a host index (an int, a list), None for all of them.
+    def reset(self, rows=None) -> None:
+        """Forget every token of `rows` (a server slot taking a new conversation)."""
+        self.lengths[slice(None) if rows is None else rows] = 0
 
-    def can_truncate(self, length: int) -> bool:
-        """Whether `truncate(length)` keeps the cache exact (methods with quantized
+    def can_truncate(self, length: int, rows=None) -> bool:
+        """Whether `truncate(length, rows)` keeps the cache exact (methods with quantized
         history can only drop tokens that are still in their fp16 window)."""
         return True
 
-    def truncate(self, length: int) -> None:
-        """Forget every token at position >= length (for all sequences)."""
-        if not self.can_truncate(length):
+    def truncate(self, length: int, rows=None) -> None:
+        """Forget every token at position >= length of `rows`."""
+        if not self.can_truncate(length, rows):
             raise MinikvError(f"{self.method} cache cannot drop tokens below position {length}")
-        self.lengths = np.minimum(self.lengths, length)
+        r = slice(None) if rows is None else rows
+        self.lengths[r] = np.minimum(self.lengths[r], length)
 
     # -- accounting ------------------------------------------------------------------------
     @abstractmethod

@@ -119,10 +119,11 @@ class ChunkedQuantCache(KVCache):
 
         return importlib.import_module(cuda_module if self.backend.is_gpu else oracle_module)
 
-    def reset(self) -> None:
-        super().reset()
-        self.n_chunks[:] = 0
-        self._pending, self._pending_bytes = [], 0
+    def reset(self, rows=None) -> None:
+        super().reset(rows)
+        self.n_chunks[slice(None) if rows is None else rows] = 0
+        if rows is None:
+            self._pending, self._pending_bytes = [], 0
 
     def _window_start(self) -> np.ndarray:
         return self.S + self.n_chunks * self.G
@@ -135,9 +136,10 @@ class ChunkedQuantCache(KVCache):
         aligned with flushes sees exactly what step-by-step decoding sees)."""
         return int((self._window_start() + self.flush_at - self.lengths).min())
 
-    def can_truncate(self, length: int) -> bool:
-        keep = np.minimum(self.lengths, length)
-        return bool(((keep >= self._window_start()) | (self.n_chunks == 0)).all())
+    def can_truncate(self, length: int, rows=None) -> bool:
+        r = slice(None) if rows is None else rows
+        keep = np.minimum(self.lengths[r], length)
+        return bool(((keep >= self._window_start()[r]) | (self.n_chunks[r] == 0)).all())
 
     def _ix(self, rows: np.ndarray):
         """Host row numbers -> an index for device arrays (a slice when contiguous)."""

@@ -46,9 +46,9 @@ class PatternKVCache(KiviCache):
         self.count = np.zeros((g.n_layers, B), dtype=np.int64)  # patterns per (layer, sequence)
         self.pm = self.quantizers("minikv.kv.patterns", "minikv.cuda.patternkv")  # mining functions
 
-    def reset(self):
-        super().reset()
-        self.count[:] = 0
+    def reset(self, rows=None):
+        super().reset(rows)
+        self.count[:, slice(None) if rows is None else rows] = 0
 
     # The prefill's KMeans is latency-bound (a few sets per layer): batching layers fills the GPU.
     FIRST_FLUSH_BATCH_BYTES = 256 << 20

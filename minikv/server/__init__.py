@@ -1,0 +1,1 @@
+"""`minikv serve`: the engine (continuous batching) and its OpenAI-compatible HTTP side."""
