@@ -162,7 +162,11 @@ def test_api_key_queue_limit_cancel_and_drain():
         status, text, headers = s.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2},
                                           {"Authorization": "Bearer sekrit"})
         assert status == 429 and headers.get("Retry-After") and json.loads(text)["error"]["code"] == "queue_full"
-        stream.close()  # the client goes away mid-stream: its slot frees
+        stream.close()  # the client goes away mid-stream: its slot frees within a moment
+        t0 = time.time()
+        while "minikv_slots_busy 0" not in s.get("/metrics", {"Authorization": "Bearer sekrit"})[1]:
+            assert time.time() - t0 < 5, "the cancelled stream kept its slot"
+            time.sleep(0.05)
         r = c.completions.create(model="stories260K", prompt="Once", max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3
         # SIGTERM lets an in-flight stream finish, then the server exits
