@@ -46,9 +46,17 @@ def run(args) -> int:
         per_slot.ctx_size = args.ctx_size // args.parallel
         if per_slot.ctx_size < 1:
             raise MinikvError(f"--ctx-size {args.ctx_size} leaves no tokens for each of {args.parallel} slots")
-    backend, files, ctx = prepare(per_slot, lambda a, f, be: session_ctx(a, f, be, batch=args.parallel))
+    if args.ubatch is not None and args.ubatch < 1:
+        raise MinikvError(f"--ubatch-size {args.ubatch}: use 1 or more tokens")
+
+    def planner(a, f, be):
+        # A prefill forward runs every slot's row, so each row's piece is -ub / N: the forward's
+        # activations stay those of -ub tokens, as the planner counts them (piece x N).
+        a.ubatch = max(1, (args.ubatch or default_ubatch(be)) // args.parallel)
+        return session_ctx(a, f, be, batch=args.parallel)
+    backend, files, ctx = prepare(per_slot, planner)
     model_id = args.alias or Path(model_arg(args) or files.dir).name
-    ubatch = args.ubatch or default_ubatch(backend)
+    ubatch = per_slot.ubatch
 
     def load():
         model, tok = load_weights(files, backend)
