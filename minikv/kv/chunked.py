@@ -163,7 +163,8 @@ class ChunkedQuantCache(KVCache):
         from ..cuda.attention import tiles_per_row
 
         sl, wl = np.minimum(self.lengths, self.S), self._window_len()
-        info[:] = np.stack([sl, self.n_chunks, wl, self.n_new, 0 * sl, 0 * sl], axis=1)
+        z = np.zeros_like(sl)
+        info[:] = np.stack([sl, self.n_chunks, wl, self.n_new, z, z], axis=1)
         info[:, :, 5] = self.pattern_counts()
         self.tiles = tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G)
 

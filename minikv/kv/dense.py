@@ -23,8 +23,8 @@ class DenseCache(KVCache):
         from ..cuda.attention import tiles_per_row
 
         # history tokens in the "window" segment, this step's keys right behind them (same buffer)
-        info[:] = np.stack([0 * self.lengths, 0 * self.lengths, self.lengths, self.n_new, self.lengths,
-                            0 * self.lengths], axis=1)
+        z = np.zeros_like(self.lengths)
+        info[:] = np.stack([z, z, self.lengths, self.n_new, self.lengths, z], axis=1)
         self.tiles = tiles_per_row(0, 0, self.lengths, self.n_new, 64)
 
     def graph_key(self):

@@ -128,8 +128,8 @@ async def metrics(request):
             ("kv_bytes", "gauge", "bytes the KV cache holds for its tokens", s.kv_bytes),
             ("kv_bits_per_value", "gauge", "KV cache bits per stored value", round(s.bits_per_value, 4))):
         lines += [f"# HELP minikv_{name} {help_}", f"# TYPE minikv_{name} {kind}", f"minikv_{name} {value}"]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type": "version=0.0.4"})
+    return web.Response(body=("\n".join(lines) + "\n").encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def tokenize(request):

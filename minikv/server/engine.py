@@ -159,8 +159,9 @@ class Engine:
         self._prefill()
         self._decode()
         self.stats.busy = sum(s.job is not None for s in self.slots)
-        self.stats.kv_bytes = self.cache.nbytes()
-        self.stats.bits_per_value = self.cache.bits_per_value()
+        self.stats.kv_bytes = self.cache.nbytes()  # once per turn: bits/value from the same count
+        n = self.cache.n_values()
+        self.stats.bits_per_value = 8.0 * self.stats.kv_bytes / n if n else 0.0
 
     def _prefill(self) -> None:
         """One ubatch piece of every pending prompt, in one forward (rows without one take none)."""
