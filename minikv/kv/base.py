@@ -16,6 +16,7 @@ launches depend on nothing else (`graph_key`) can be captured as a CUDA graph an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,14 +50,23 @@ class KVCache(ABC):
         self.lengths = np.zeros(batch, dtype=np.int64)  # committed tokens per sequence (host)
         self.n_new = np.zeros(batch, dtype=np.int64)  # tokens being added in the current step
         self.tiles = 0  # key tiles of the step's longest row, bucketed (sizes the attention's split)
-        # The step's row info (L, B, 6) and start positions (B,), one int32 buffer on each side
-        # (a few kilobytes: the planner's workspace covers them, allocated_bytes counts K/V storage).
-        L, n = geom.n_layers, geom.n_layers * batch * 6
-        self._info_host = backend.host_buffer(0 if plan_only else n + batch, np.int32)
-        self._info_dev = self._info_host if not backend.is_gpu or plan_only else self.xp.zeros(n + batch, np.int32)
-        self.rowinfo_host = self._info_host[:n].reshape(L, batch, 6) if not plan_only else None
-        self.rowinfo_dev = self._info_dev[:n].reshape(L, batch, 6) if not plan_only else None
-        self.start_dev = self._info_dev[n:] if not plan_only else None  # (B,) positions of the step's first tokens
+        self._storage: list[list] = []  # every per_layer list (row views slice them)
+        self._views: dict = {}  # (b0, b1) -> the cache over those rows (row_range)
+        self._alloc_rowinfo()
+
+    # Host arrays holding one entry per row, by (name, row axis): what a row view takes over.
+    ROW_STATE: tuple = (("lengths", 0),)
+
+    def _alloc_rowinfo(self) -> None:
+        """The step's row info (L, B, 6) and start positions (B,), one int32 buffer on each side
+        (a few kilobytes: the planner's workspace covers them, allocated_bytes counts K/V storage)."""
+        L, B, none = self.geom.n_layers, self.batch, self.plan_only
+        n = L * B * 6
+        self._info_host = self.backend.host_buffer(0 if none else n + B, np.int32)
+        self._info_dev = self._info_host if not self.backend.is_gpu or none else self.xp.zeros(n + B, np.int32)
+        self.rowinfo_host = self._info_host[:n].reshape(L, B, 6) if not none else None
+        self.rowinfo_dev = self._info_dev[:n].reshape(L, B, 6) if not none else None
+        self.start_dev = self._info_dev[n:] if not none else None  # (B,) positions of the step's first tokens
 
     def _fused_kernel(self):
         """The fused CUDA attention where this cache's geometry allows it (fp16 compute, head_dim
@@ -73,7 +83,9 @@ class KVCache(ABC):
         cache keeps is made here, so `allocated_bytes` is exact."""
         shape = (self.geom.n_layers, *shape)
         self.allocated_bytes += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        return [None] * self.geom.n_layers if self.plan_only else list(self.xp.zeros(shape, dtype))
+        arrays = [None] * self.geom.n_layers if self.plan_only else list(self.xp.zeros(shape, dtype))
+        self._storage.append(arrays)
+        return arrays
 
     @classmethod
     def validate(cls, spec) -> None:
@@ -114,7 +126,7 @@ class KVCache(ABC):
 
     def end_step(self) -> None:
         self.lengths = self.lengths + self.n_new
-        self.n_new = np.zeros_like(self.n_new)
+        self._clear_step()
 
     @abstractmethod
     def update(self, layer: int, k, v) -> None:
@@ -131,6 +143,45 @@ class KVCache(ABC):
 
     def commit(self, layer: int) -> None:
         """Finish this step's storage for `layer` without attending (for diagnostics)."""
+
+    def _clear_step(self) -> None:
+        """Per-step state back to "no step begun" (a new row view starts from it)."""
+        self.n_new = np.zeros(self.batch, dtype=np.int64)
+
+    # -- row views ----------------------------------------------------------------------------
+    @contextmanager
+    def row_range(self, b0: int, b1: int):
+        """This cache's rows b0..b1-1 as a cache of b1 - b0 rows over the same storage: a forward
+        on it runs only those rows (a server slot's prompt, without the idle slots' rows). Its
+        per-row host state is taken from this cache on entry and handed back on a clean exit."""
+        if not 0 <= b0 < b1 <= self.batch:
+            raise ValueError(f"rows {b0}..{b1} of a batch of {self.batch}")
+        if (b0, b1) == (0, self.batch):
+            yield self
+            return
+        view = self._views.get((b0, b1))
+        if view is None:
+            view = self._views[(b0, b1)] = self._make_view(b0, b1)
+        rows = lambda a, axis: a[(slice(None),) * axis + (slice(b0, b1),)]  # noqa: E731
+        for name, axis in self.ROW_STATE:
+            setattr(view, name, rows(getattr(self, name), axis).copy())
+        yield view
+        for name, axis in self.ROW_STATE:
+            rows(getattr(self, name), axis)[...] = getattr(view, name)
+
+    def _make_view(self, b0: int, b1: int) -> "KVCache":
+        import copy
+
+        view = copy.copy(self)
+        view.batch, view._views = b1 - b0, {}
+        view._storage = [[a[b0:b1] for a in arrays] for arrays in self._storage]  # (b1 - b0, ...) views
+        for name, value in vars(self).items():
+            for arrays, sliced in zip(self._storage, view._storage):
+                if value is arrays:
+                    setattr(view, name, sliced)
+        view._alloc_rowinfo()
+        view._clear_step()
+        return view
 
     # -- session management -------------------------------------------------------------
     # rows: the sequences concerned, a host index (an int, a list), None for all of them.

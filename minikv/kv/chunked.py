@@ -101,13 +101,19 @@ class ChunkedQuantCache(KVCache):
         hist = shape[:2] + ((0 if self.fused else self.n_chunks_max * self.G),) + shape[3:]
         self.hist_k = self.per_layer(hist, dt)
         self.hist_v = self.per_layer(hist, dt)
-        self._step: list = [None] * geom.n_layers  # this step's (k, v) per layer until commit
+        self._clear_step()
+        self.allocate()
+
+    ROW_STATE = KVCache.ROW_STATE + (("n_chunks", 0),)
+
+    def _clear_step(self) -> None:
+        super()._clear_step()
+        self._step: list = [None] * self.geom.n_layers  # this step's (k, v) per layer until commit
         self._groups: list = []
-        self._flushing = np.zeros(batch, dtype=np.int64)
+        self._flushing = np.zeros(self.batch, dtype=np.int64)
         self._window_only = False  # this step only appends to the windows (see _plan_step)
         self._pending: list = []  # first flushes waiting: (layer, rows, n chunks, xk, xv)
         self._pending_bytes = 0
-        self.allocate()
 
     def allocate(self) -> None:
         """Allocate the packed storage for n_chunks_max chunks per sequence and layer."""
@@ -287,9 +293,8 @@ class ChunkedQuantCache(KVCache):
 
     def end_step(self):
         self._drain()
-        super().end_step()
         self.n_chunks += self._flushing
-        self._groups, self._flushing = [], np.zeros_like(self.n_chunks)
+        super().end_step()
 
     def _flush(self, layer: int, rows: np.ndarray, c0: int, n: int, xk, xv):
         """Quantize chunks c0..c0+n-1 of sequences `rows` from xk, xv (nb, Hkv, w, D): the

@@ -46,6 +46,8 @@ class PatternKVCache(KiviCache):
         self.count = np.zeros((g.n_layers, B), dtype=np.int64)  # patterns per (layer, sequence)
         self.pm = self.quantizers("minikv.kv.patterns", "minikv.cuda.patternkv")  # mining functions
 
+    ROW_STATE = KiviCache.ROW_STATE + (("count", 1),)
+
     def reset(self, rows=None):
         super().reset(rows)
         self.count[:, slice(None) if rows is None else rows] = 0
