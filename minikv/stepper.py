@@ -36,8 +36,8 @@ class Stepper:
 
     def decode(self, tokens, n_new=1):
         """One token per sequence, tokens (B,) host ints -> logits (B, V). n_new (B,) 0 or 1: rows
-        with 0 (a server's idle slots) take no token, and their logits mean nothing; such a
-        step runs eagerly."""
+        with 0 (a server's idle slots) take no token, and their logits mean nothing (the step
+        is replayed all the same: which rows take a token is row info on the device)."""
         cache, model = self.cache, self.model
         cache.begin_step(n_new)
         key = cache.graph_key() if self.graphs is not None else None

@@ -248,3 +248,32 @@ def test_a_failing_step_does_not_take_the_engine_down():
         assert results[1][-1][0] == "done" and results[1][-1][1].completion_tokens == 5
     finally:
         eng.stop()
+
+
+def test_one_prompt_is_prefilled_alone_in_ubatch_pieces():
+    """A prompt in a server with idle slots runs only its own row, ubatch tokens a forward (not
+    ubatch / N tokens over every slot's row), and continues as `minikv generate` does."""
+    from minikv.backend import get_backend
+    from minikv.generate import Session
+    from minikv.models import load_model
+    from minikv.sampler import SamplingParams
+    from minikv.server.engine import Engine, Job
+    from minikv.tokenizer import Tokenizer
+
+    model, tok = load_model(STORIES, get_backend("cpu")), Tokenizer.from_dir(STORIES)
+    prompt = tok.encode("Once upon a time there was a little dog who liked to run in the park. " * 6)[:150]
+    eng = Engine(model, tok, "fp16", 4, 256, 64)
+    real, shapes = model.forward, []
+    model.forward = lambda ids, cache, **k: (shapes.append(ids.shape), real(ids, cache, **k))[1]
+    eng.start()
+    try:
+        done, events = threading.Event(), []
+        eng.submit(Job(prompt, SamplingParams(temperature=0), 8,
+                       lambda kind, x: (events.append((kind, x)), kind != "text" and done.set())))
+        assert done.wait(30)
+    finally:
+        eng.stop()
+        model.forward = real
+    assert len(prompt) > 128 and shapes[:3] == [(1, 64), (1, 64), (1, len(prompt) - 128)]
+    want = "".join(Session(model, tok, ctx_size=256).generate(prompt, SamplingParams(temperature=0), 8))
+    assert "".join(x for kind, x in events if kind == "text") == want

@@ -50,13 +50,13 @@ def run(args) -> int:
         raise MinikvError(f"--ubatch-size {args.ubatch}: use 1 or more tokens")
 
     def planner(a, f, be):
-        # A prefill forward runs every slot's row, so each row's piece is -ub / N: the forward's
-        # activations stay those of -ub tokens, as the planner counts them (piece x N).
+        # A prefill forward takes at most -ub tokens over its rows (N x -ub / N when every slot
+        # has a prompt): the planner counts N rows of -ub / N tokens.
         a.ubatch = max(1, (args.ubatch or default_ubatch(be)) // args.parallel)
         return session_ctx(a, f, be, batch=args.parallel)
     backend, files, ctx = prepare(per_slot, planner)
     model_id = args.alias or Path(model_arg(args) or files.dir).name
-    ubatch = per_slot.ubatch
+    ubatch = per_slot.ubatch * args.parallel  # a forward's tokens: one slot's piece, or N slots' smaller ones
 
     def load():
         model, tok = load_weights(files, backend)

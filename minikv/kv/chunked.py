@@ -175,7 +175,7 @@ class ChunkedQuantCache(KVCache):
         self.tiles = tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G)
 
     def graph_key(self):
-        if self.fused is None or not self._window_only or (self.n_new != 1).any():
+        if self.fused is None or not self._window_only or (self.n_new > 1).any() or not self.n_new.any():
             return None
         # the lean fp16 kernel before the first chunk; patternkv's tables sized per layer
         return (self.method, self.tiles, bool(self.n_chunks.any()),

@@ -28,7 +28,8 @@ class DenseCache(KVCache):
         self.tiles = tiles_per_row(0, 0, self.lengths, self.n_new, 64)
 
     def graph_key(self):
-        if self.fused is None or (self.n_new != 1).any():
+        # one token per row, or none (a server's idle slots: kv_append writes nothing for them)
+        if self.fused is None or (self.n_new > 1).any() or not self.n_new.any():
             return None
         return ("fp16", self.tiles)
 

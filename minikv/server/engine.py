@@ -1,7 +1,7 @@
 """The server's engine: one thread owns the model and a cache of N slots (one batch row each)
 and runs continuous batching. Each turn of its loop it admits queued jobs into free slots,
-feeds one ubatch piece of every pending prompt (all pending slots in one forward), then runs
-one decode step for every generating slot together; a job leaves its slot the moment it ends
+feeds a piece of every pending prompt (all pending slots in one forward of at most `ubatch`
+tokens), then runs one decode step for every generating slot together; a job leaves its slot the moment it ends
 or its client goes away. A slot keeps the tokens its row holds after its job, so a follow-up
 turn of the same conversation, given the slot with the longest shared prefix, prefills only
 what is new.
@@ -164,24 +164,28 @@ class Engine:
         self.stats.bits_per_value = 8.0 * self.stats.kv_bytes / n if n else 0.0
 
     def _prefill(self) -> None:
-        """One ubatch piece of every pending prompt, in one forward (rows without one take none)."""
+        """A piece of every pending prompt in one forward over the rows from the first pending
+        slot to the last (a row view of the cache: idle slots outside it cost nothing), the
+        pieces of ubatch / rows tokens, so one slot's prompt alone goes ubatch tokens at a time."""
         rows = [b for b, s in enumerate(self.slots) if s.job is not None and s.pending]
         if not rows:
             return
-        B = len(self.slots)
-        pieces = {b: self.slots[b].pending[:self.ubatch] for b in rows}
+        b0, b1 = rows[0], rows[-1] + 1
+        piece = max(1, self.ubatch // (b1 - b0))
+        pieces = {b: self.slots[b].pending[:piece] for b in rows}
         T = max(len(p) for p in pieces.values())
-        ids, n_new = np.zeros((B, T), np.int64), np.zeros(B, np.int64)
+        ids, n_new = np.zeros((b1 - b0, T), np.int64), np.zeros(b1 - b0, np.int64)
         for b, p in pieces.items():
-            ids[b, :len(p)], n_new[b] = p, len(p)
+            ids[b - b0, :len(p)], n_new[b - b0] = p, len(p)
         done = [b for b in rows if len(pieces[b]) == len(self.slots[b].pending)]
-        logits = self.model.forward(ids, self.cache, n_new=n_new, logits="last" if done else "none")
+        with self.cache.row_range(b0, b1) as view:
+            logits = self.model.forward(ids, view, n_new=n_new, logits="last" if done else "none")
         for b, p in pieces.items():
             s = self.slots[b]
             s.tokens.extend(p)
             s.pending = s.pending[len(p):]
         for b in done:
-            self._sampled(b, logits[b])
+            self._sampled(b, logits[b - b0])
 
     def _decode(self) -> None:
         rows = [b for b, s in enumerate(self.slots) if s.next_token is not None]
