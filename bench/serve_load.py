@@ -1,8 +1,9 @@
 """Load on a running `minikv serve` (or llama-server): N concurrent streaming clients send M
-completion requests in all, on loopback only. Prints aggregate generated tokens/s, time to first
-token and inter-token latency percentiles.
+completion requests in all, on loopback only. Prints generated tokens/s over the whole run and
+over the window where every stream decodes at once (with -m equal to -c: the steady decode
+throughput of N streams), time to first token and inter-token latency percentiles.
 
-    python3 bench/serve_load.py --port 8080 -c 32 -m 128 --max-tokens 128 [--prompt-tokens 512]
+    python3 bench/serve_load.py --port 8080 -c 32 -m 32 --max-tokens 256 [--prompt-tokens 7680]
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import time
 import numpy as np
 
 
-async def one(session, url, body, ttft, itl, counts):
-    t0 = time.perf_counter()
-    last, n = None, 0
+async def one(session, url, body, runs):
+    """One streamed request: its start, the arrival time of each text chunk, its completion tokens."""
+    t0, times, tokens = time.perf_counter(), [], 0
     async with session.post(url, json=body) as r:
         if r.status != 200:
             raise SystemExit(f"HTTP {r.status}: {await r.text()}")
@@ -25,15 +26,28 @@ async def one(session, url, body, ttft, itl, counts):
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            if not json.loads(line[6:])["choices"][0].get("text"):
-                continue
-            now = time.perf_counter()
-            if last is None:
-                ttft.append(now - t0)
-            else:
-                itl.append(now - last)
-            last, n = now, n + 1
-    counts.append(n)
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    runs.append((t0, times, tokens or len(times)))  # a server without usage in its stream: chunks
+
+
+def report(runs, wall, clients) -> str:
+    """Throughput over the whole run and over the window where every stream decodes (from the
+    last first token to the first last token), TTFT and inter-token latency percentiles."""
+    pct = lambda a, q: 1e3 * float(np.percentile(a, q)) if len(a) else float("nan")  # noqa: E731
+    total = sum(n for _, _, n in runs)
+    ttft = [ts[0] - t0 for t0, ts, _ in runs if ts]
+    itl = np.concatenate([np.diff(ts) for _, ts, _ in runs if len(ts) > 1] or [np.zeros(0)])
+    lo, hi = max(ts[0] for _, ts, _ in runs if ts), min(ts[-1] for _, ts, _ in runs if ts)
+    window = sum(sum(lo <= t <= hi for t in ts) for _, ts, _ in runs)
+    steady = f"{window / (hi - lo):.1f} t/s with all {clients} streams decoding" if hi > lo else "no common window"
+    return (f"{clients} clients, {len(runs)} requests, {total} tokens in {wall:.1f} s: {total / wall:.1f} generated "
+            f"tokens/s overall; {steady}\n"
+            f"TTFT ms p50 {pct(ttft, 50):.1f} p90 {pct(ttft, 90):.1f} p99 {pct(ttft, 99):.1f}; "
+            f"ITL ms p50 {pct(itl, 50):.2f} p90 {pct(itl, 90):.2f} p99 {pct(itl, 99):.2f}")
 
 
 async def main(args) -> None:
@@ -43,26 +57,21 @@ async def main(args) -> None:
         raise SystemExit("loopback only: --host 127.0.0.1")
     url = f"http://{args.host}:{args.port}/v1/completions"
     prompt = " ".join(["the"] * args.prompt_tokens)
-    ttft, itl, counts = [], [], []
+    runs = []
     queue = asyncio.Queue()
-    for i in range(args.requests):
+    for i in range(args.requests):  # prompts differ from their first token: no request reuses another's prefix
         queue.put_nowait({"prompt": f"{i} {prompt}", "max_tokens": args.max_tokens, "temperature": 0,
-                          "stream": True, "ignore_eos": True})
+                          "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True})
 
     async def worker(session):
         while not queue.empty():
-            await one(session, url, queue.get_nowait(), ttft, itl, counts)
+            await one(session, url, queue.get_nowait(), runs)
 
     t0 = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         await asyncio.gather(*(worker(s) for _ in range(args.clients)))
-    wall = time.perf_counter() - t0
-    pct = lambda a, q: 1e3 * float(np.percentile(a, q)) if a else float("nan")  # noqa: E731
-    print(f"{args.clients} clients, {args.requests} requests, {sum(counts)} tokens in {wall:.1f} s: "
-          f"{sum(counts) / wall:.1f} generated tokens/s")
-    print(f"TTFT ms p50 {pct(ttft, 50):.1f} p90 {pct(ttft, 90):.1f} p99 {pct(ttft, 99):.1f}; "
-          f"ITL ms p50 {pct(itl, 50):.2f} p90 {pct(itl, 90):.2f} p99 {pct(itl, 99):.2f}")
+    print(report(runs, time.perf_counter() - t0, args.clients))
 
 
 if __name__ == "__main__":
