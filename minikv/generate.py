@@ -156,8 +156,19 @@ class Session:
         stream, stops = TextStream(self.tok, prompt_ids), StopStrings(stop)
         history = list(prompt_ids)
         res.stop_reason = "length"
+        drawn = sampler(logits, history)  # a device scalar id
+        # Pipelined (no penalties: a draw does not need the previous id on the host): the step
+        # feeding a drawn id is queued before the id is read, so the GPU runs it while the host
+        # reads, checks and prints the id. When the id ends the text, that step was spent, and
+        # the cache holds the id (self.tokens says so).
+        ahead = not params.penalized
         while max_tokens < 0 or len(res.token_ids) < max_tokens:
-            token = int(sampler(logits, history))  # the one device -> host transfer per token
+            fed = ahead and (max_tokens < 0 or len(res.token_ids) + 1 < max_tokens) and len(self.tokens) < self.ctx_size
+            if fed:
+                following = sampler(self.stepper.decode(drawn.reshape(1))[0], history)
+            token = int(drawn)  # the one device -> host transfer per token
+            if fed:
+                self.tokens.append(token)
             if token < 0:
                 raise MinikvError(NON_FINITE)
             if token in self.tok.eos_ids and not ignore_eos:
@@ -177,10 +188,10 @@ class Session:
                 break
             if max_tokens >= 0 and len(res.token_ids) >= max_tokens:
                 break
-            if len(self.tokens) >= self.ctx_size:
+            if not fed and len(self.tokens) >= self.ctx_size:
                 res.stop_reason = "context"
                 break
-            logits = self.feed([token])
+            drawn = following if fed else sampler(self.feed([token]), history)
         if res.stop_reason != "stop":
             tail = stops.flush()
             if tail:

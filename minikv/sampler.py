@@ -40,6 +40,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a draw reads the token history (repetition, presence or frequency penalty)."""
+        return self.repeat_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
 
 class Sampler:
     def __init__(self, params: SamplingParams, xp):
@@ -56,7 +61,7 @@ class Sampler:
 
     def _draw(self, logits, history: list[int]):
         xp, p = self.xp, self.p
-        if (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty) and history:
+        if p.penalized and history:
             recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n:]
             uniq, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
             ids = xp.asarray(uniq)

@@ -35,17 +35,23 @@ class Stepper:
         return logits
 
     def decode(self, tokens, n_new=1):
-        """One token per sequence, tokens (B,) host ints -> logits (B, V). n_new (B,) 0 or 1: rows
-        with 0 (a server's idle slots) take no token, and their logits mean nothing (the step
-        is replayed all the same: which rows take a token is row info on the device)."""
-        cache, model = self.cache, self.model
+        """One token per sequence -> logits (B, V). tokens: (B,) host ints, or a device array of
+        B ids (a sampler's output: the step is queued without waiting for it, so a loop can plan
+        and launch step n + 1 while the GPU still runs step n). n_new (B,) 0 or 1: rows with 0
+        (a server's idle slots) take no token, and their logits mean nothing (the step is
+        replayed all the same: which rows take a token is row info on the device)."""
+        cache, model, xp = self.cache, self.model, self.model.xp
+        on_device = xp is not np and isinstance(tokens, xp.ndarray)
         cache.begin_step(n_new)
         key = cache.graph_key() if self.graphs is not None else None
+        if on_device:  # a sampler's -1 (non-finite logits) must not index the embedding
+            ids = xp.maximum(tokens.reshape(-1, 1), 0, out=self._tokens_dev if key is not None else None)
         if key is None:
-            out = model.run(np.asarray(tokens, dtype=np.int64).reshape(-1, 1), cache)
+            out = model.run(ids if on_device else np.asarray(tokens, dtype=np.int64).reshape(-1, 1), cache)
         else:
-            self._tokens_host[:] = tokens
-            self._tokens_dev.set(self._tokens_host.reshape(-1, 1))
+            if not on_device:
+                self._tokens_host[:] = tokens
+                self._tokens_dev.set(self._tokens_host.reshape(-1, 1))
             out = self.graphs.run(key, lambda: model.run(self._tokens_dev, cache))
         cache.end_step()
         return out

@@ -10,6 +10,7 @@ import numpy as np
 from conftest import STORIES
 from minikv.backend import get_backend
 from minikv.generate import Result, Session
+from minikv.kv import make_cache
 from minikv.models import load_model
 from minikv.sampler import SamplingParams
 from minikv.tokenizer import Tokenizer
@@ -86,3 +87,23 @@ def test_chat_turns_reuse_the_cache():
     list(Session(model, tok).generate(second, p, 10, result=fresh))
     assert r2.token_ids == fresh.token_ids
     np.testing.assert_equal(s.cache.lengths, [len(second) + 9])
+
+
+def test_pipelined_steps_keep_the_session_and_cache_in_step():
+    """generate queues the step feeding each drawn id before it reads the id: the text is a
+    plain greedy loop's, and however generation ends (length, a stop string, a full context),
+    the session's token list is what the cache holds."""
+    model, tok = load_model(STORIES, get_backend("cpu")), Tokenizer.from_dir(STORIES)
+    ids = tok.encode("Once upon a time")
+    cache = make_cache("fp16", model.kv_geometry, 1, 512, model.backend)
+    logits, want = model.forward(np.asarray([ids]), cache)[0], []
+    for _ in range(60):
+        want.append(int(np.argmax(logits)))
+        logits = model.forward(np.asarray([want[-1:]]), cache)[0]
+    greedy = SamplingParams(temperature=0)
+    for ctx, n, stop, reason in ((512, 60, (), "length"), (512, 200, ("ball",), "stop"), (30, -1, (), "context")):
+        s, res = Session(model, tok, ctx_size=ctx), Result()
+        list(s.generate(ids, greedy, n, stop=stop, result=res))
+        assert res.stop_reason == reason and res.token_ids == want[:len(res.token_ids)]
+        assert int(s.cache.lengths[0]) == len(s.tokens) and s.tokens[:len(ids) + len(res.token_ids) - 1] == ids + res.token_ids[:-1]
+    assert len(s.tokens) == 30 and len(res.token_ids) == 30 - len(ids) + 1

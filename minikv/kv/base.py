@@ -61,9 +61,12 @@ class KVCache(ABC):
         """The step's row info (L, B, 6) and start positions (B,), one int32 buffer on each side
         (a few kilobytes: the planner's workspace covers them, allocated_bytes counts K/V storage)."""
         L, B, none = self.geom.n_layers, self.batch, self.plan_only
-        n = L * B * 6
-        self._info_host = self.backend.host_buffer(0 if none else n + B, np.int32)
-        self._info_dev = self._info_host if not self.backend.is_gpu or none else self.xp.zeros(n + B, np.int32)
+        n, gpu = L * B * 6, self.backend.is_gpu and not none
+        # On the GPU two host buffers take turns: a step may be planned while the previous
+        # step's upload still waits in the stream (a pipelined decode loop).
+        self._info_hosts = [self.backend.host_buffer(0 if none else n + B, np.int32) for _ in range(1 + gpu)]
+        self._info_host = self._info_hosts[0]
+        self._info_dev = self.xp.zeros(n + B, np.int32) if gpu else self._info_host
         self.rowinfo_host = self._info_host[:n].reshape(L, B, 6) if not none else None
         self.rowinfo_dev = self._info_dev[:n].reshape(L, B, 6) if not none else None
         self.start_dev = self._info_dev[n:] if not none else None  # (B,) positions of the step's first tokens
@@ -103,6 +106,9 @@ class KVCache(ABC):
                               f"{self.capacity}; use a shorter prompt or a larger --ctx-size")
         self.n_new = n_new
         self._plan_step()
+        if len(self._info_hosts) > 1:
+            self._info_host = self._info_hosts[self._info_host is self._info_hosts[0]]
+            self.rowinfo_host = self._info_host[:self.rowinfo_dev.size].reshape(self.rowinfo_dev.shape)
         self.write_rowinfo(self.rowinfo_host)
         self._info_host[-self.batch:] = self.lengths
         if self._info_dev is not self._info_host:

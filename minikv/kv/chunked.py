@@ -27,7 +27,10 @@ from .packing import row_index
 class ChunkedQuantCache(KVCache):
     BITS: tuple[int, ...] = ()
     DEFAULT_BITS: int | None = None
-    INT_OPTIONS = {"g": 128, "r": 128, "sink": 0}  # subclasses extend
+    # rot=1: keys, values and queries turned by one fixed orthogonal matrix per head dimension
+    # (a Hadamard with random signs) before anything is stored: q.k and the attention's output are
+    # unchanged, and outlier channels are spread over all channels before quantizing.
+    INT_OPTIONS = {"g": 128, "r": 128, "sink": 0, "rot": 0}  # subclasses extend
     # > 0: a sequence's first flush (the prefill's chunks) waits, up to this many bytes of K/V,
     # and runs for several layers at once at the end of the step (see _first_flushes).
     FIRST_FLUSH_BATCH_BYTES = 0
@@ -67,6 +70,8 @@ class ChunkedQuantCache(KVCache):
             raise bad(f"g={s['g']} must be a positive multiple of 8")
         if s["r"] < 0 or s["sink"] < 0:
             raise bad("r and sink must be >= 0")
+        if s["rot"] not in (0, 1):
+            raise bad(f"rot={s['rot']} must be 0 or 1")
         cls.check_settings(s, bad)
         return s
 
@@ -101,6 +106,7 @@ class ChunkedQuantCache(KVCache):
         hist = shape[:2] + ((0 if self.fused else self.n_chunks_max * self.G),) + shape[3:]
         self.hist_k = self.per_layer(hist, dt)
         self.hist_v = self.per_layer(hist, dt)
+        self.rot = rotation(geom.head_dim, self.xp) if self.s["rot"] else None  # (D, D) float32
         self._clear_step()
         self.allocate()
 
@@ -175,6 +181,8 @@ class ChunkedQuantCache(KVCache):
         self.tiles = tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G)
 
     def graph_key(self):
+        if self.rot is not None:  # its matmuls are cuBLAS calls, which a capture cannot hold
+            return None
         if self.fused is None or not self._window_only or (self.n_new > 1).any() or not self.n_new.any():
             return None
         # the lean fp16 kernel before the first chunk; patternkv's tables sized per layer
@@ -187,13 +195,20 @@ class ChunkedQuantCache(KVCache):
             return x
         return x.astype(np.float16).astype(self.backend.dtype, copy=False)
 
+    def _turn(self, x, back: bool = False):
+        """x (..., D) times the rotation (or its transpose, undoing it), in x's dtype."""
+        r = self.rot.T if back else self.rot
+        return (x.astype(np.float32) @ r).astype(x.dtype)
+
     def update(self, layer, k, v):
+        if self.rot is not None:
+            k, v = self._turn(k), self._turn(v)
         self._step[layer] = (self._store(k), self._store(v))
 
     def attend(self, layer, q):
-        out = self._attend(layer, q)
+        out = self._attend(layer, q if self.rot is None else self._turn(q))
         self.commit(layer)  # after attention: this step saw its own tokens in fp16
-        return out
+        return out if self.rot is None else self._turn(out, back=True)
 
     def _attend(self, layer, q):
         """Attention over sinks | chunks | window | step: the fused kernel, or the reference
@@ -318,7 +333,7 @@ class ChunkedQuantCache(KVCache):
                 o[b, :, :n] = sink[layer][b, :, :n]
                 o[b, :, S:S + q] = quant[b, :, :q]
                 o[b, :, S + q:S + q + w] = win[layer][b, :, :w]
-        return out
+        return out if self.rot is None else [self._turn(o, back=True) for o in out]
 
     # -- accounting ---------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -330,3 +345,18 @@ class ChunkedQuantCache(KVCache):
     def quantized_bytes(self) -> int:
         """Bytes of everything stored for the flushed chunks (codes, scales, indices, patterns...)."""
         raise NotImplementedError
+
+
+def rotation(D: int, xp):
+    """A (D, D) orthogonal float32 matrix: the normalized Sylvester Hadamard matrix with fixed
+    random signs on its rows (QuaRot's randomized Hadamard) when D is a power of two, else a
+    fixed random orthogonal matrix."""
+    rng = np.random.default_rng(0x5EED)
+    if D & (D - 1) == 0:
+        h = np.ones((1, 1))
+        while h.shape[0] < D:
+            h = np.block([[h, h], [h, -h]])
+        r = rng.choice([-1.0, 1.0], size=D)[:, None] * h / np.sqrt(D)
+    else:
+        r = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    return xp.asarray(r.astype(np.float32))
