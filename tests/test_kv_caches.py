@@ -191,6 +191,28 @@ def test_16_bit_uniform_reproduces_the_fp16_cache(stories, ids):
     assert rel_err(lo, out["fp16"]) > 10 * rel_err(out["kivi:16,g=32,r=32"], out["fp16"])  # the test can tell
 
 
+@pytest.mark.parametrize("rot", ["kv", "k", "v"])
+def test_a_turned_cache_gives_the_unturned_attention(stories, ids, rot):
+    """rot turns keys, queries and values by an orthogonal matrix before storing and turns the
+    output back: at 16 bits the logits are the fp16 cache's, and reconstruct() gives back the
+    unturned keys and values; at 2 bits the stored codes differ from the unturned ones."""
+    from minikv.kv.chunked import rotation
+
+    r = rotation(8, np)
+    assert np.abs(r @ r.T - np.eye(8)).max() < 1e-6 and np.abs(r).min() == np.abs(r).max()  # a signed Hadamard
+    x = np.asarray([ids[:200]])
+    caches = {spec: make_cache(spec, stories.kv_geometry, 1, 200, CPU)
+              for spec in ("fp16", f"kivi:16,g=32,r=32,rot={rot}", "kivi:2,g=32,r=32", f"kivi:2,g=32,r=32,rot={rot}")}
+    out = {spec: stories.forward(x, c, logits="all") for spec, c in caches.items()}
+    assert rel_err(out[f"kivi:16,g=32,r=32,rot={rot}"], out["fp16"]) < 2e-3
+    k16, v16 = caches[f"kivi:16,g=32,r=32,rot={rot}"].reconstruct(0)
+    plain, turned = caches["kivi:2,g=32,r=32"], caches[f"kivi:2,g=32,r=32,rot={rot}"]
+    assert (plain.kc[0] != turned.kc[0]).any() == (rot != "v") and (plain.vc[0] != turned.vc[0]).any() == (rot != "k")
+    ref = make_cache("fp16", stories.kv_geometry, 1, 200, CPU)
+    stories.forward(x, ref)
+    assert rel_err(k16, ref.k[0][:, :, :200]) < 2e-3 and rel_err(v16, ref.v[0][:, :, :200]) < 2e-3
+
+
 def test_patterns_narrow_the_real_k_and_v_of_stories260k(stories, ids):
     stats = layer_stats(stories, ids, ["kivi:2,g=32,r=32", "patternkv:2,g=32,r=32"], "patternkv:2,g=32,r=32", prefill=128)
     for s in stats:

@@ -27,14 +27,14 @@ from .packing import row_index
 class ChunkedQuantCache(KVCache):
     BITS: tuple[int, ...] = ()
     DEFAULT_BITS: int | None = None
-    # rot=1: keys, values and queries turned by one fixed orthogonal matrix per head dimension
-    # (a Hadamard with random signs) before anything is stored: q.k and the attention's output are
-    # unchanged, and outlier channels are spread over all channels before quantizing.
-    INT_OPTIONS = {"g": 128, "r": 128, "sink": 0, "rot": 0}  # subclasses extend
+    INT_OPTIONS = {"g": 128, "r": 128, "sink": 0}  # subclasses extend
     # > 0: a sequence's first flush (the prefill's chunks) waits, up to this many bytes of K/V,
     # and runs for several layers at once at the end of the step (see _first_flushes).
     FIRST_FLUSH_BATCH_BYTES = 0
-    STR_OPTIONS: dict[str, tuple[str, ...]] = {}  # name -> choices (first is the default)
+    # rot: keys (and queries) and/or values turned by one fixed orthogonal matrix per head
+    # dimension (a Hadamard with random signs) before anything is stored: q.k and the attention's
+    # output are unchanged, and outlier channels are spread over all channels before quantizing.
+    STR_OPTIONS: dict[str, tuple[str, ...]] = {"rot": ("none", "kv", "k", "v")}  # name -> choices (first is the default)
 
     # -- spec ---------------------------------------------------------------------------------
     @classmethod
@@ -70,8 +70,6 @@ class ChunkedQuantCache(KVCache):
             raise bad(f"g={s['g']} must be a positive multiple of 8")
         if s["r"] < 0 or s["sink"] < 0:
             raise bad("r and sink must be >= 0")
-        if s["rot"] not in (0, 1):
-            raise bad(f"rot={s['rot']} must be 0 or 1")
         cls.check_settings(s, bad)
         return s
 
@@ -106,7 +104,8 @@ class ChunkedQuantCache(KVCache):
         hist = shape[:2] + ((0 if self.fused else self.n_chunks_max * self.G),) + shape[3:]
         self.hist_k = self.per_layer(hist, dt)
         self.hist_v = self.per_layer(hist, dt)
-        self.rot = rotation(geom.head_dim, self.xp) if self.s["rot"] else None  # (D, D) float32
+        self.rot = rotation(geom.head_dim, self.xp) if self.s["rot"] != "none" else None  # (D, D) float32
+        self.rot_k, self.rot_v = self.s["rot"] in ("kv", "k"), self.s["rot"] in ("kv", "v")
         self._clear_step()
         self.allocate()
 
@@ -201,14 +200,13 @@ class ChunkedQuantCache(KVCache):
         return (x.astype(np.float32) @ r).astype(x.dtype)
 
     def update(self, layer, k, v):
-        if self.rot is not None:
-            k, v = self._turn(k), self._turn(v)
+        k, v = self._turn(k) if self.rot_k else k, self._turn(v) if self.rot_v else v
         self._step[layer] = (self._store(k), self._store(v))
 
     def attend(self, layer, q):
-        out = self._attend(layer, q if self.rot is None else self._turn(q))
+        out = self._attend(layer, self._turn(q) if self.rot_k else q)
         self.commit(layer)  # after attention: this step saw its own tokens in fp16
-        return out if self.rot is None else self._turn(out, back=True)
+        return self._turn(out, back=True) if self.rot_v else out
 
     def _attend(self, layer, q):
         """Attention over sinks | chunks | window | step: the fused kernel, or the reference
@@ -333,7 +331,7 @@ class ChunkedQuantCache(KVCache):
                 o[b, :, :n] = sink[layer][b, :, :n]
                 o[b, :, S:S + q] = quant[b, :, :q]
                 o[b, :, S + q:S + q + w] = win[layer][b, :, :w]
-        return out if self.rot is None else [self._turn(o, back=True) for o in out]
+        return [self._turn(o, back=True) if turned else o for o, turned in zip(out, (self.rot_k, self.rot_v))]
 
     # -- accounting ---------------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -46,7 +46,7 @@ class NqkvCache(ChunkedQuantCache):
     BITS = (2, 3, 4)
     DEFAULT_BITS = 2
     INT_OPTIONS = {**ChunkedQuantCache.INT_OPTIONS, "bs": 64}
-    STR_OPTIONS = {"kaxis": ("token", "channel")}
+    STR_OPTIONS = {**ChunkedQuantCache.STR_OPTIONS, "kaxis": ("token", "channel")}
 
     @classmethod
     def check_settings(cls, s, bad):
