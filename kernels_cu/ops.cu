@@ -112,3 +112,37 @@ extern "C" __global__ void kv_append(const __half* __restrict__ k, const __half*
     dst_k[dst] = *reinterpret_cast<const uint4*>(k + (s / H) * kb + (s % H) * kh + (long long)t * kt + c);
     dst_v[dst] = *reinterpret_cast<const uint4*>(v + (s / H) * vb + (s % H) * vh + (long long)t * vt + c);
 }
+
+// The rows of a 4-D view x (nb, H, T, D; strides xb, xh, xt in elements, rows contiguous) turned
+// by R = diag(s) H / sqrt(D), H the Sylvester Hadamard matrix (D a power of two, at most 256):
+// x @ R, or x @ R^T when back, written to out (nb, T, H, D) contiguous (the layout a head-major
+// view of the qkv projection, or of the attention's output, has). In float32, in
+// ArrayOps.hadamard's order (signs, butterflies for h = 1, 2, 4, ..., the scale; back: the signs
+// last). One block of D / 2 threads per row.
+extern "C" __global__ void hadamard_f16(const __half* __restrict__ x, long long xb, long long xh, long long xt, int H,
+                                        int T, int D, const float* __restrict__ s, float scale, int back,
+                                        __half* __restrict__ out) {
+    __shared__ float v[256];
+    const long long r = blockIdx.x;  // (b, h, t) row
+    const long long bh = r / T;
+    const int t = (int)(r % T), h = (int)(bh % H);
+    const long long b = bh / H;
+    const __half* row = x + b * xb + h * xh + (long long)t * xt;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        const float a = __half2float(row[i]);
+        v[i] = back ? a : __fmul_rn(a, s[i]);
+    }
+    for (int w = 1; w < D; w *= 2) {
+        __syncthreads();
+        const int j = threadIdx.x, i = (j / w) * 2 * w + j % w;
+        const float a = v[i], c = v[i + w];
+        v[i] = __fadd_rn(a, c);
+        v[i + w] = __fsub_rn(a, c);
+    }
+    __syncthreads();
+    __half* o = out + ((b * T + t) * H + h) * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        const float a = __fmul_rn(v[i], scale);
+        o[i] = __float2half_rn(back ? __fmul_rn(a, s[i]) : a);
+    }
+}

@@ -69,6 +69,24 @@ class ArrayOps:
         u = gate_up[..., n:].astype(np.float32)
         return (g / (1.0 + self.xp.exp(-g)) * u).astype(gate_up.dtype)
 
+    def hadamard(self, x, signs, back: bool = False):
+        """x (B, H, T, D) (any strides) turned by the signed, normalized Hadamard matrix R =
+        diag(signs) H / sqrt(D) (D a power of two): x @ R, or x @ R.T when `back`, in x's dtype.
+        Computed in float32 as the kernel does: the signs, log2(D) butterfly stages (pairs i,
+        i + h for h = 1, 2, 4, ...: a + b, a - b), the scale; back applies the signs last."""
+        xp, D = self.xp, x.shape[-1]
+        t = x.astype(np.float32)
+        if not back:
+            t = t * signs
+        h = 1
+        while h < D:
+            t = t.reshape(*x.shape[:-1], D // (2 * h), 2, h)
+            a, b = t[..., 0, :], t[..., 1, :]
+            t = xp.stack([a + b, a - b], axis=-2).reshape(x.shape)
+            h *= 2
+        t = t * np.float32(1.0 / np.sqrt(D))
+        return (t * signs if back else t).astype(x.dtype)
+
     def kv_append(self, k, v, dst_k, dst_v, info, info_dev):
         """Row b's first info[b, 3] tokens of k, v (B, H, T, D) into dst_k, dst_v (B, H, cap, D)
         at token info[b, 2]; info (B, 6) host ints, info_dev the same on the device (the CUDA

@@ -14,7 +14,8 @@ from minikv.synthetic import synthetic_model
 pytestmark = pytest.mark.gpu
 
 SPECS = ["fp16", "kivi:2,g=64,r=64", "kivi:4", "kivi:3,g=64", "kivi:2,sink=4,g=64", "kivi:8,g=64",
-         "nqkv:2,g=64", "nqkv:4,kaxis=channel,bs=8,g=64", "patternkv:2,g=64,r=64", "patternkv:4,g=64,sink=4"]
+         "nqkv:2,g=64", "nqkv:4,kaxis=channel,bs=8,g=64", "patternkv:2,g=64,r=64", "patternkv:4,g=64,sink=4",
+         "kivi:2,kbits=3,g=64,rot=kv"]
 
 
 def tiny(qwen3: bool = False, D: int = 64) -> ModelConfig:

@@ -13,7 +13,8 @@ from minikv.perplexity import perplexity
 from minikv.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.gpu
-SPECS = ["fp16", "kivi:2", "kivi:4", "nqkv:2", "nqkv:3,kaxis=channel", "patternkv:2", "patternkv:3,sink=4"]
+SPECS = ["fp16", "kivi:2", "kivi:4", "nqkv:2", "nqkv:3,kaxis=channel", "patternkv:2", "patternkv:3,sink=4",
+         "kivi:2,kbits=3,rot=kv,sink=16"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

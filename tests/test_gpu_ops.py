@@ -139,3 +139,18 @@ def test_gemv_checks_its_arguments(ops):
         cu.gemv(x, w, cp.ones(8, np.float32))  # bias must be fp16
     with pytest.raises(ValueError):
         cu.gemv(x[:, 4:].copy()[:, :56], w[:, :56].copy())  # not C-contiguous (a column slice)
+
+
+@pytest.mark.parametrize("D", [8, 64, 128, 256])
+@pytest.mark.parametrize("back", [False, True])
+def test_hadamard_equals_its_oracle_bit_for_bit(ops, D, back):
+    """The cache's rotation (kv rot=) on strided head views of a projection, as the cache calls it."""
+    cp, cu, ref = ops
+    from minikv.kv.chunked import rotation_signs
+
+    signs = cp.asarray(rotation_signs(D))
+    qkv = (cp.random.RandomState(3).standard_normal((2, 5, 7 * D), dtype=np.float32) * 4).astype(np.float16)
+    x = qkv[..., 2 * D:5 * D].reshape(2, 5, 3, D).transpose(0, 2, 1, 3)  # (B, H, T, D) view
+    got, want = cu.hadamard(x, signs, back), ref.hadamard(x, signs, back)
+    assert got.shape == want.shape == x.shape and cp.array_equal(got, want)
+    assert got.transpose(0, 2, 1, 3).flags.c_contiguous  # the (B, T, H, D) layout the model reshapes for free

@@ -198,7 +198,7 @@ def test_a_turned_cache_gives_the_unturned_attention(stories, ids, rot):
     unturned keys and values; at 2 bits the stored codes differ from the unturned ones."""
     from minikv.kv.chunked import rotation
 
-    r = rotation(8, np)
+    r = rotation(8)
     assert np.abs(r @ r.T - np.eye(8)).max() < 1e-6 and np.abs(r).min() == np.abs(r).max()  # a signed Hadamard
     x = np.asarray([ids[:200]])
     caches = {spec: make_cache(spec, stories.kv_geometry, 1, 200, CPU)
@@ -359,3 +359,16 @@ def test_quantized_session_chat_turns(stories):
     list(s.generate(second, p, 10, result=r2))
     list(Session(stories, tok, kv="patternkv:2,g=16").generate(second, p, 10, result=fresh))
     assert r2.token_ids == fresh.token_ids
+
+
+@pytest.mark.parametrize("D", [8, 64, 128])
+def test_hadamard_op_is_the_rotation_matrix(D):
+    """ArrayOps.hadamard (the butterflies the kernel runs) equals x @ R, and back undoes it."""
+    from minikv.kv.chunked import rotation, rotation_signs
+    from minikv.ops import ArrayOps
+
+    x = np.random.default_rng(D).standard_normal((2, 3, 5, D)).astype(np.float32)
+    ops, signs = ArrayOps(np), rotation_signs(D)
+    turned = ops.hadamard(x, signs)
+    np.testing.assert_allclose(turned, x @ rotation(D), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ops.hadamard(turned, signs, back=True), x, rtol=0, atol=1e-5)

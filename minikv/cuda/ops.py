@@ -26,7 +26,8 @@ def _row_threads(C: int) -> int:
 class CudaOps(ArrayOps):
     def __init__(self, cp):
         super().__init__(cp)
-        self._k = {n: kernel("ops", n) for n in ("rms_norm", "add_rms_norm", "rope_qkv", "swiglu", "embed", "gather_rows", "kv_append")}
+        self._k = {n: kernel("ops", n) for n in ("rms_norm", "add_rms_norm", "rope_qkv", "swiglu", "embed", "gather_rows", "kv_append",
+                                                  "hadamard_f16")}
         self._gemv: dict = {}  # rows -> gemv<rows>, compiled on first use
 
     def linear(self, x, w, b=None):
@@ -132,6 +133,21 @@ class CudaOps(ArrayOps):
         self._k["kv_append"](((n + _THREADS - 1) // _THREADS,), (_THREADS,),
                              (k, v, *(np.int64(st // 2) for st in k.strides[:3] + v.strides[:3]), i32(H), i32(T), i32(D // 8),
                               dst_k, dst_v, i32(cap), info_dev, np.int64(n)))
+
+    def hadamard(self, x, signs, back: bool = False):
+        """ArrayOps.hadamard for fp16 (B, H, T, D) views with a contiguous last dim; the result is a
+        (B, H, T, D) view of a (B, T, H, D) buffer."""
+        B, H, T, D = x.shape if x.ndim == 4 else (0, 0, 0, 0)
+        if x.dtype != np.float16 or x.ndim != 4 or x.strides[3] != 2 or D > 256 or D & (D - 1) or D < 2 or not x.size:
+            if self.xp.cuda.get_current_stream().is_capturing():
+                raise RuntimeError(f"hadamard: no kernel for x {x.shape} {x.dtype} strides {x.strides} in a captured step")
+            return super().hadamard(x, signs, back)
+        check("hadamard signs", signs, np.float32, (D,))
+        out = self.xp.empty((B, T, H, D), np.float16)
+        self._k["hadamard_f16"]((B * H * T,), (D // 2,),
+                                (x, *(np.int64(st // 2) for st in x.strides[:3]), i32(H), i32(T), i32(D), signs,
+                                 f32(1.0 / np.sqrt(D)), i32(back), out))
+        return out.transpose(0, 2, 1, 3)
 
     def contiguous(self, x):
         """gather_rows for a strided 4-D fp16 view with aligned contiguous rows (the k/v heads of

@@ -104,7 +104,11 @@ class ChunkedQuantCache(KVCache):
         hist = shape[:2] + ((0 if self.fused else self.n_chunks_max * self.G),) + shape[3:]
         self.hist_k = self.per_layer(hist, dt)
         self.hist_v = self.per_layer(hist, dt)
-        self.rot = rotation(geom.head_dim, self.xp) if self.s["rot"] != "none" else None  # (D, D) float32
+        D = geom.head_dim
+        if self.s["rot"] != "none" and (D & (D - 1) or D > 256):
+            raise MinikvError(f"--kv {spec}: rot needs a head_dim that is a power of two up to 256, this "
+                              f"model's is {D}; use rot=none")
+        self.signs = self.xp.asarray(rotation_signs(D)) if self.s["rot"] != "none" else None  # (D,) float32
         self.rot_k, self.rot_v = self.s["rot"] in ("kv", "k"), self.s["rot"] in ("kv", "v")
         self._clear_step()
         self.allocate()
@@ -180,8 +184,6 @@ class ChunkedQuantCache(KVCache):
         self.tiles = tiles_per_row(sl, self.n_chunks, wl, self.n_new, self.G)
 
     def graph_key(self):
-        if self.rot is not None:  # its matmuls are cuBLAS calls, which a capture cannot hold
-            return None
         if self.fused is None or not self._window_only or (self.n_new > 1).any() or not self.n_new.any():
             return None
         # the lean fp16 kernel before the first chunk; patternkv's tables sized per layer
@@ -195,9 +197,8 @@ class ChunkedQuantCache(KVCache):
         return x.astype(np.float16).astype(self.backend.dtype, copy=False)
 
     def _turn(self, x, back: bool = False):
-        """x (..., D) times the rotation (or its transpose, undoing it), in x's dtype."""
-        r = self.rot.T if back else self.rot
-        return (x.astype(np.float32) @ r).astype(x.dtype)
+        """x (B, H, T, D) times the rotation (`rotation`), or its transpose, in x's dtype."""
+        return self.backend.ops.hadamard(x, self.signs, back)
 
     def update(self, layer, k, v):
         k, v = self._turn(k) if self.rot_k else k, self._turn(v) if self.rot_v else v
@@ -345,16 +346,15 @@ class ChunkedQuantCache(KVCache):
         raise NotImplementedError
 
 
-def rotation(D: int, xp):
-    """A (D, D) orthogonal float32 matrix: the normalized Sylvester Hadamard matrix with fixed
-    random signs on its rows (QuaRot's randomized Hadamard) when D is a power of two, else a
-    fixed random orthogonal matrix."""
-    rng = np.random.default_rng(0x5EED)
-    if D & (D - 1) == 0:
-        h = np.ones((1, 1))
-        while h.shape[0] < D:
-            h = np.block([[h, h], [h, -h]])
-        r = rng.choice([-1.0, 1.0], size=D)[:, None] * h / np.sqrt(D)
-    else:
-        r = np.linalg.qr(rng.standard_normal((D, D)))[0]
-    return xp.asarray(r.astype(np.float32))
+def rotation_signs(D: int) -> np.ndarray:
+    """(D,) float32 fixed random signs: the rotation is diag(signs) H / sqrt(D), H the Sylvester
+    Hadamard matrix (QuaRot's randomized Hadamard; ops.hadamard applies it)."""
+    return np.random.default_rng(0x5EED).choice([-1.0, 1.0], size=D).astype(np.float32)
+
+
+def rotation(D: int) -> np.ndarray:
+    """The (D, D) float32 rotation matrix itself (D a power of two), for checks."""
+    h = np.ones((1, 1))
+    while h.shape[0] < D:
+        h = np.block([[h, h], [h, -h]])
+    return (rotation_signs(D)[:, None] * h / np.sqrt(D)).astype(np.float32)
