@@ -7,10 +7,10 @@ import sys
 
 from .. import __version__
 from ..errors import MinikvError
-from . import bench, chat, convert, generate, kvstats, perplexity, serve
+from . import bench, chat, convert, generate, kvstats, passkey, perplexity, serve
 from .args import Parser
 
-SUBCOMMANDS = [generate, chat, convert, perplexity, kvstats, bench, serve]
+SUBCOMMANDS = [generate, chat, convert, perplexity, passkey, kvstats, bench, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
