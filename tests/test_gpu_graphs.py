@@ -108,3 +108,23 @@ def test_kv_append_matches_array_ops():
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     assert outs[0][0][1, :, 17:19].any() and not outs[0][0][1, :, 19:].any() and not outs[0][0][2].any()
+
+
+@pytest.mark.parametrize("spec", ["fp16", "kivi:2,g=64,r=64", "patternkv:2,g=64,r=64,sink=4", "kivi:2,g=64,rot=kv"])
+def test_row_view_prefill_equals_a_cache_of_that_row(model, spec):
+    """A server slot's prompt through a row view of a 4-row cache (fused kernels on sliced storage)
+    gives the logits of a 1-row cache fed the same, then decodes on in the whole batch."""
+    be = model.backend
+    rng = np.random.default_rng(2)
+    parent = make_cache(spec, model.kv_geometry, 4, 1024, be)
+    alone = make_cache(spec, model.kv_geometry, 1, 1024, be)
+    for piece in (rng.integers(0, 512, (1, 300)), rng.integers(0, 512, (1, 200))):
+        with parent.row_range(2, 3) as view:
+            got = be.to_host(model.forward(piece, view))
+        np.testing.assert_array_equal(got, be.to_host(model.forward(piece, alone)))
+    assert parent.lengths.tolist() == [0, 0, 500, 0]
+    st = Stepper(model, parent, ubatch=64)
+    for _ in range(3):
+        out = be.to_host(st.decode(np.array([0, 0, 7, 0]), np.array([0, 0, 1, 0])))
+        assert np.isfinite(out[2]).all()
+    assert parent.lengths.tolist() == [0, 0, 503, 0]
