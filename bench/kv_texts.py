@@ -5,7 +5,7 @@ changes of the activations), so this scores the same methods on many texts.
     python3 bench/kv_texts.py [MODEL_DIR] --texts FILE... --max-tokens 4096 --kv fp16 --kv kivi:2 ...
 
 The first --kv is the baseline. Prints a markdown table: rise (%) per text and method, the
-mean rise, and on how many texts each method beats the second --kv.
+mean and worst rise, bits per value, and on how many texts each method beats the second --kv.
 """
 from __future__ import annotations
 
@@ -32,15 +32,19 @@ def main():
     print(f"<!-- {' '.join(sys.argv)} | {model.backend.name} | {datetime.date.today()} -->")
     print("| text | " + " | ".join(f"`{s}`" for s in args.kv) + " |")
     print("| --- " * (len(args.kv) + 1) + "|")
-    rises = []
+    rises, bits = [], []
     for path in args.texts:
         ids = text_ids(tok, path, args.max_tokens)
-        ppl = [perplexity(model, ids, s, prefill=args.prefill).ppl for s in args.kv]
+        res = [perplexity(model, ids, s, prefill=args.prefill) for s in args.kv]
+        ppl = [r.ppl for r in res]
+        bits.append([r.bits_per_value for r in res])
         rises.append([100 * (p / ppl[0] - 1) for p in ppl])
         cells = [f"{ppl[0]:.2f}"] + [f"{r:+.1f}%" for r in rises[-1][1:]]
         print(f"| {Path(path).stem} | " + " | ".join(cells) + " |", flush=True)
     r = np.array(rises)
     print("| mean rise | — | " + " | ".join(f"{m:+.1f}%" for m in r[:, 1:].mean(0)) + " |")
+    print("| worst rise | — | " + " | ".join(f"{m:+.1f}%" for m in r[:, 1:].max(0)) + " |")
+    print("| bits/value | " + " | ".join(f"{b:.3f}" for b in np.array(bits).mean(0)) + " |")
     if len(args.kv) > 2:
         wins = (r[:, 2:] < r[:, 1:2]).sum(0)
         print("| texts where it beats `" + args.kv[1] + "` | — | — | " +

@@ -181,3 +181,13 @@ def load_weights(files, backend):
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def kv_specs(args, default: tuple = ("fp16",)) -> list[str]:
+    """The --kv specs given (or the default), each checked before anything loads."""
+    from ..kv import parse_kv_spec
+
+    specs = args.kv or list(default)
+    for s in specs:
+        parse_kv_spec(s)
+    return specs

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MinikvError
-from .args import add_graph_arg, add_model_args, load, log, model_arg
+from .args import add_graph_arg, add_model_args, kv_specs, load, log, model_arg
 
 
 def int_list(text: str) -> list[int]:
@@ -39,14 +39,11 @@ def run(args) -> int:
     from ..backend import get_backend
     from ..bench import WARMUP, copy_bandwidth, markdown, run as bench
     from ..generate import default_ubatch
-    from ..kv import parse_kv_spec
     from ..models import ARCHITECTURES
     from ..plan import check, plan, weight_bytes
     from ..synthetic import synthetic_config, synthetic_model
 
-    specs = args.kv or ["fp16"]
-    for s in specs:
-        parse_kv_spec(s)
+    specs = kv_specs(args)
     depths, batches = int_list(args.depth), int_list(args.batch)
     if args.prompt < 1 or args.gen < 1 or min(depths + [0]) < 0 or min(batches + [1]) < 1:
         raise MinikvError("-p and -n take 1 or more tokens, -d 0 or more, -b 1 or more sequences")

@@ -8,7 +8,7 @@ import sys
 
 from ..errors import MinikvError
 from ..progress import Progress
-from .args import add_graph_arg, add_model_args, load
+from .args import add_graph_arg, add_model_args, kv_specs, load
 from .bench import int_list
 
 
@@ -27,12 +27,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..kv import parse_kv_spec
     from ..passkey import ANSWER_TOKENS, min_length, passkey
 
-    specs = args.kv or ["fp16"]
-    for s in specs:
-        parse_kv_spec(s)
+    specs = kv_specs(args)
     lengths, depths = int_list(args.lengths), int_list(args.depths)
     if not lengths or min(lengths) < 64 or not depths or not all(0 <= d <= 100 for d in depths) or args.trials < 1:
         raise MinikvError("--lengths takes lengths of 64 tokens or more, --depths percentages 0 to 100, "

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MinikvError
-from .args import add_model_args, load
+from .args import add_model_args, kv_specs, load
 from ..progress import Progress
 
 DEFAULT_PREFILL = 512
@@ -72,12 +72,9 @@ def prefill_size(args, window: int) -> int:
 
 
 def run(args) -> int:
-    from ..kv import parse_kv_spec
     from ..perplexity import perplexity
 
-    specs = args.kv or ["fp16"]
-    for s in specs:
-        parse_kv_spec(s)  # fail on a bad spec before loading anything
+    specs = kv_specs(args)
     model, tok, _ = load(args)
     ids = text_ids(tok, args.text, args.max_tokens)
     if len(ids) < 2:
