@@ -24,6 +24,17 @@ def test_perplexity_json_rows_on_the_same_tokens(capsys):
     assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"] / 4
 
 
+def test_presets_run_as_the_spec_they_name(capsys):
+    """--kv q2/q3/q4 are the specs PRESETS names: the output shows the spec, and scores as it does."""
+    from minikv.kv.registry import PRESETS
+
+    argv = ["perplexity", str(STORIES), "--text", FRAG, "--max-tokens", "300", "--device", "cpu", "--json"]
+    for name, spec in PRESETS.items():
+        assert main(argv + ["--kv", name, "--kv", spec]) == 0
+        named, spelled = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+        assert named == spelled and named["kv"] == spec
+
+
 def test_perplexity_table(capsys):
     assert main(["perplexity", str(STORIES), "--text", FRAG, "--max-tokens", "100", "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()

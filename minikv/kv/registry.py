@@ -31,12 +31,23 @@ class KVSpec:
         return self.text or self.method
 
 
+# Named presets: the best spec found per bit budget (SmolLM2-135M over nine texts, bench/RESULTS.md
+# "KV presets"). A preset name is replaced by its spec, which is what every output then shows.
+PRESETS = {
+    "q2": "kivi:2,rot=kv,sink=16",
+    "q3": "kivi:2,kbits=3,g=64,rot=kv,sink=16",
+    "q4": "kivi:4,vbits=3,rot=kv,sink=16",
+}
+
+
 def parse_kv_spec(text: str) -> KVSpec:
+    text = PRESETS.get(text.strip().lower(), text)
     head, *opts = [p.strip() for p in text.strip().split(",")]
     method, _, bits = head.partition(":")
     method = method.lower()
     if method not in _METHODS:
-        raise MinikvError(f"--kv {text!r}: unknown method {method!r}; available: {', '.join(methods())}")
+        raise MinikvError(f"--kv {text!r}: unknown method {method!r}; available: {', '.join(methods())}, "
+                          f"or a preset: {', '.join(f'{k} ({v})' for k, v in PRESETS.items())}")
     options = {}
     for o in opts:
         key, eq, val = o.partition("=")
