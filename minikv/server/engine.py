@@ -184,8 +184,7 @@ class Engine:
             s = self.slots[b]
             s.tokens.extend(p)
             s.pending = s.pending[len(p):]
-        for b in done:
-            self._sampled(b, logits[b - b0])
+        self._sampled(done, logits, b0)
 
     def _decode(self) -> None:
         rows = [b for b, s in enumerate(self.slots) if s.next_token is not None]
@@ -199,12 +198,26 @@ class Engine:
             s = self.slots[b]
             s.tokens.append(s.next_token)
             s.next_token = None
-            self._sampled(b, logits[b])
+        self._sampled(rows, logits)
 
-    def _sampled(self, b: int, logits) -> None:
-        """Draw slot b's next token from its logits and hand it to its job."""
+    def _sampled(self, rows: list[int], logits, b0: int = 0) -> None:
+        """Draw the next token of each slot in rows from logits[b - b0] and hand it to its job.
+        Greedy slots without penalties take one argmax over their rows and one transfer, the
+        others their own sampler's draw (a transfer each)."""
+        xp = self.model.xp
+        plain = [b for b in rows if self.slots[b].sampler.p.greedy and not self.slots[b].sampler.p.penalized]
+        drawn = {}
+        if plain:
+            lg = logits[xp.asarray([b - b0 for b in plain])]  # (n, V)
+            ids = xp.where(xp.isfinite(lg.max(axis=-1)), lg.argmax(axis=-1), -1)  # -1: not finite, as Sampler
+            drawn = dict(zip(plain, self.model.backend.to_host(ids).tolist()))
+        for b in rows:
+            s = self.slots[b]
+            self._accept(b, drawn[b] if b in drawn else int(s.sampler(logits[b - b0], s.history)))
+
+    def _accept(self, b: int, token: int) -> None:
+        """Slot b drew `token`: stream it, or end the job."""
         s = self.slots[b]
-        token = int(s.sampler(logits, s.history))
         if token < 0:
             raise MinikvError(NON_FINITE)
         if token in self.tok.eos_ids and not s.job.ignore_eos:
