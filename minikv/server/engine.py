@@ -151,6 +151,7 @@ class Engine:
             s.stream, s.stops, s.history = TextStream(self.tok, job.prompt), StopStrings(job.stop), list(job.prompt)
             self.stats.prompt_tokens += len(job.prompt)
         self.stats.queue = len(self.queue)
+        self.stats.busy = sum(s.job is not None for s in self.slots)
 
     def _turn(self) -> None:
         for b, s in enumerate(self.slots):
@@ -158,7 +159,6 @@ class Engine:
                 self._free(b)
         self._prefill()
         self._decode()
-        self.stats.busy = sum(s.job is not None for s in self.slots)
         self.stats.kv_bytes = self.cache.nbytes()  # once per turn: bits/value from the same count
         n = self.cache.n_values()
         self.stats.bits_per_value = 8.0 * self.stats.kv_bytes / n if n else 0.0
@@ -235,17 +235,19 @@ class Engine:
         s.next_token = token
 
     def _finish(self, b: int, reason: str, flush: bool = True) -> None:
-        s = self.slots[b]
+        s, job = self.slots[b], self.slots[b].job
         tail = s.stops.flush() if flush else ""
         if tail:
-            s.job.emit("text", tail)
-        s.job.emit("done", Finish(reason, len(s.job.prompt), s.n_gen, s.cached))
-        self._free(b)
+            job.emit("text", tail)
+        done = Finish(reason, len(job.prompt), s.n_gen, s.cached)
+        self._free(b)  # the slot is free (and /metrics says so) before the client hears it is done
+        job.emit("done", done)
 
     def _free(self, b: int, forget: bool = False) -> None:
         """Slot b takes no more steps; its row keeps its tokens for a later prefix unless `forget`."""
         s = self.slots[b]
         s.job, s.pending, s.next_token, s.sampler, s.stream, s.stops = None, [], None, None, None, None
+        self.stats.busy = sum(s.job is not None for s in self.slots)  # before the job's client can ask
         if forget:
             self.cache.reset(b)
             s.tokens = []
