@@ -38,7 +38,7 @@ def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None,
             cache.fused.min_keys = min_keys
     q, k = step_inputs(cp, B)
 
-    attend = getattr(cache, "_attend", cache.attend)  # attention only: no commit, no flush
+    attend = cache.attend  # attention only: storing (commit, flushes) is a separate step
 
     def step(n=1):  # the same decode step again and again: lengths never advance
         cache.begin_step([1] * B)

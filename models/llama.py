@@ -149,6 +149,7 @@ class LlamaModel:
         q, k, v = ops.qkv_heads(qkv, rope, H, Hkv, D, L.q_norm, L.k_norm, cfg.rms_norm_eps)
         cache.update(i, k, v)  # k, v (B, Hkv, T, D) post-RoPE
         o = cache.attend(i, q)  # (B, H, T, D)
+        cache.commit(i)  # after attention: a step sees its own tokens unquantized
         return ops.linear(o.transpose(0, 2, 1, 3).reshape(B, T, H * D), L.o_w, L.o_b)
 
     def _mlp(self, L: Layer, h):

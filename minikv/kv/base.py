@@ -4,8 +4,12 @@ A cache belongs to a generation session: the caller creates it and passes it int
 forward. Per forward the model calls
 
     start = cache.begin_step(n_new)        # (B,) positions of the first new token per row
-    for each layer: cache.update(layer, k, v); out = cache.attend(layer, q)
-    cache.end_step()                       # commit the new tokens
+    for each layer: cache.update(layer, k, v); out = cache.attend(layer, q); cache.commit(layer)
+    cache.end_step()                       # the new tokens are held
+
+Storing (update, then commit: a quantized cache flushes chunks there) and attending are separate
+steps; accessors (nbytes, bits_per_value, reconstruct) read the state between steps and change
+nothing.
 
 so the model never knows how (or whether) keys and values are quantized.
 
@@ -148,7 +152,8 @@ class KVCache(ABC):
         return self.capacity - int(self.lengths.max())
 
     def commit(self, layer: int) -> None:
-        """Finish this step's storage for `layer` without attending (for diagnostics)."""
+        """Finish this step's storage for `layer`, after its attention (methods that store
+        everything in `update` do nothing here)."""
 
     def _clear_step(self) -> None:
         """Per-step state back to "no step begun" (a new row view starts from it)."""

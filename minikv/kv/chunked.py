@@ -8,7 +8,7 @@ than max(R, G). With R = G this is KIVI's rule; a prefill attends to itself in f
 precision, then all its whole chunks are quantized and the rest stays in the window.
 
 State per layer: the method's packed storage, fp16 sink and window buffers, and this step's
-keys/values, held from `update` until `commit` (after attention). Attention reads four
+keys/values, held from `update` until `commit` (after `attend`). Attention reads four
 segments: sinks | chunks | window | this step (causal). The reference attention (array ops)
 keeps the flushed chunks dequantized in `hist`, written once per flush, never per step.
 A method may let a sequence's first flush wait until the step ends (nothing reads a layer's
@@ -206,7 +206,6 @@ class ChunkedQuantCache(KVCache):
 
     def attend(self, layer, q):
         out = self._attend(layer, self._turn(q) if self.rot_k else q)
-        self.commit(layer)  # after attention: this step saw its own tokens in fp16
         return self._turn(out, back=True) if self.rot_v else out
 
     def _attend(self, layer, q):
@@ -242,8 +241,7 @@ class ChunkedQuantCache(KVCache):
 
     def commit(self, layer: int) -> None:
         """Store this step's keys/values of `layer`: sinks first, then the window, flushing
-        the chunks the step completes (attend does it; diagnostics that only store keys and
-        values call it after update)."""
+        the chunks the step completes (after attend: the step saw its own tokens in fp16)."""
         k, v = self._step[layer]
         self._step[layer] = None
         G, xp = self.G, self.xp
@@ -320,9 +318,8 @@ class ChunkedQuantCache(KVCache):
 
     def reconstruct(self, layer: int):
         """(B, Hkv, max length, D) float32: every token as the format holds it (fp16 sinks and
-        window, flushed chunks decoded from the packed storage alone)."""
+        window, flushed chunks decoded from the packed storage alone), between steps."""
         xp, G, S = self.xp, self.G, self.S
-        self._drain()
         k_hat, v_hat = self.dequantize(layer)
         out = [xp.zeros((self.batch, self.geom.n_kv_heads, int(self.lengths.max()), self.geom.head_dim),
                         np.float32) for _ in range(2)]
@@ -336,7 +333,6 @@ class ChunkedQuantCache(KVCache):
 
     # -- accounting ---------------------------------------------------------------------------
     def nbytes(self) -> int:
-        self._drain()
         g = self.geom
         fp16_tokens = int((self.lengths - self.n_chunks * self.G).sum())  # sinks + windows
         return fp16_tokens * 2 * g.n_layers * g.n_kv_heads * g.head_dim * 2 + self.quantized_bytes()

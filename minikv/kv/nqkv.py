@@ -64,6 +64,8 @@ class NqkvCache(ChunkedQuantCache):
         kb, vb, T = self.s["kbits"], self.s["vbits"], NC * G
         self.channel = self.s["kaxis"] == "channel"
         self.q = self.quantizers("minikv.kv.nqkv", "minikv.cuda.nqkv")
+        # the K and V code levels as the fused kernel reads them (plan-only caches never attend)
+        self._levels = None if self.plan_only else tuple(self.xp.asarray(nf_levels(self.s[k])) for k in ("kbits", "vbits"))
         ka_shape = (B, H, NC, G // self.s["bs"], D) if self.channel else (B, H, T, D // self.bs)
         self.kc = self.per_layer((B, H, T, D * kb // 8), np.uint8)
         self.ka = self.per_layer(ka_shape, np.float16)
@@ -93,8 +95,6 @@ class NqkvCache(ChunkedQuantCache):
     def kernel_storage(self, layer):
         from ..cuda.attention import Storage
 
-        if not hasattr(self, "_levels"):
-            self._levels = tuple(self.xp.asarray(nf_levels(self.s[k])) for k in ("kbits", "vbits"))
         return Storage("nqkv_channel" if self.channel else "nqkv_token", self.s["kbits"], self.s["vbits"],
                        self.kc[layer], self.ka[layer], None, self.vc[layer], self.va[layer], None,
                        self.n_chunks_max, self.G, self.s["bs"], *self._levels)
