@@ -69,7 +69,8 @@ class KVCache(ABC):
         # On the GPU two host buffers take turns: a step may be planned while the previous
         # step's upload still waits in the stream (a pipelined decode loop).
         self._info_hosts = [self.backend.host_buffer(0 if none else n + B, np.int32) for _ in range(1 + gpu)]
-        self._info_host = self._info_hosts[0]
+        self._rowinfo_hosts = [h[:n].reshape(L, B, 6) for h in self._info_hosts] if not none else None
+        self._info_host, self._info_turn = self._info_hosts[0], 0
         self._info_dev = self.xp.zeros(n + B, np.int32) if gpu else self._info_host
         self.rowinfo_host = self._info_host[:n].reshape(L, B, 6) if not none else None
         self.rowinfo_dev = self._info_dev[:n].reshape(L, B, 6) if not none else None
@@ -110,9 +111,9 @@ class KVCache(ABC):
                               f"{self.capacity}; use a shorter prompt or a larger --ctx-size")
         self.n_new = n_new
         self._plan_step()
-        if len(self._info_hosts) > 1:
-            self._info_host = self._info_hosts[self._info_host is self._info_hosts[0]]
-            self.rowinfo_host = self._info_host[:self.rowinfo_dev.size].reshape(self.rowinfo_dev.shape)
+        if len(self._info_hosts) > 1:  # the other buffer: the previous step's upload may still be queued
+            self._info_turn ^= 1
+            self._info_host, self.rowinfo_host = self._info_hosts[self._info_turn], self._rowinfo_hosts[self._info_turn]
         self.write_rowinfo(self.rowinfo_host)
         self._info_host[-self.batch:] = self.lengths
         if self._info_dev is not self._info_host:
