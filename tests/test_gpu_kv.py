@@ -14,7 +14,7 @@ from minikv.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.gpu
 SPECS = ["fp16", "kivi:2", "kivi:4", "nqkv:2", "nqkv:3,kaxis=channel", "patternkv:2", "patternkv:3,sink=4",
-         "kivi:2,kbits=3,rot=kv,sink=16"]
+         "kivi:2,kbits=3,rot=kv,sink=16", "kivi:2,g=64,rot=kv,sink=16,fit=mse", "kivi:2,sc=8,fit=mse,sink=4"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -124,6 +124,30 @@ def test_kivi_v_tokens(cuda_kivi, bits, shape):
         compare(cuda_kivi.quantize_v_tokens, kivi_ref.quantize_v_tokens, x, bits, group, what=f"v {kind}")
 
 
+FITS = [(16, "mse"), (8, "minmax"), (8, "mse")]  # (sc, fit): kernels_cu/kivi_fit.cu
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sc,fit", FITS)
+@pytest.mark.parametrize("shape", K_SHAPES[:4], ids=str)
+def test_kivi_fit_k_chunks(cuda_kivi, bits, sc, fit, shape):
+    lead, n, G, D = shape
+    for i, kind in enumerate(KINDS):
+        x = make_data((*lead, n, G, D), kind, seed=i)
+        compare(cuda_kivi.quantize_k_chunks, kivi_ref.quantize_k_chunks, x, bits, sc, fit, what=f"k {kind} {sc} {fit}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sc,fit", FITS)
+@pytest.mark.parametrize("shape", V_SHAPES[:5] + V_SHAPES[6:], ids=str)
+def test_kivi_fit_v_tokens(cuda_kivi, bits, sc, fit, shape):
+    lead, T, D, group = shape
+    for i, kind in enumerate(KINDS):
+        x = make_data((*lead, T, D), kind, seed=100 + i)
+        compare(cuda_kivi.quantize_v_tokens, kivi_ref.quantize_v_tokens, x, bits, group, sc, fit,
+                what=f"v {kind} {sc} {fit}")
+
+
 # (leading dims, T tokens, D, bs)
 T_SHAPES = [((1, 8), 136, 128, 64), ((3, 2), 37, 128, 32), ((), 1, 64, 64), ((2,), 1000, 64, 32),
             ((1, 8), 8, 128, 32), ((1, 2), 257, 128, 128), ((3, 2), 24, 64, 8)]

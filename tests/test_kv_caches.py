@@ -14,7 +14,7 @@ from minikv.models import load_model
 from minikv.perplexity import perplexity
 
 CPU = get_backend("cpu")
-METHODS = ["kivi:2", "nqkv:2", "patternkv:2", "nqkv:3,kaxis=channel,bs=8", "kivi:3,vbits=4"]
+METHODS = ["kivi:2", "nqkv:2", "patternkv:2", "nqkv:3,kaxis=channel,bs=8", "kivi:3,vbits=4", "kivi:2,vbits=3,sc=8"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def fp16(x):
     return x.astype(np.float16).astype(np.float32)
 
 
-@pytest.mark.parametrize("spec", ["kivi:2,g=16", "patternkv:2,g=16,sink=4", "nqkv:3,g=16,r=40,sink=3"])
+@pytest.mark.parametrize("spec", ["kivi:2,g=16", "patternkv:2,g=16,sink=4", "nqkv:3,g=16,r=40,sink=3",
+                                  "kivi:2,g=16,sc=8,sink=2"])
 @pytest.mark.parametrize("P", [1, 15, 16, 17, 53])  # 1, G-1, G, G+1, 3G+5
 def test_chunk_boundaries_and_sinks(stories, ids, spec, P):
     """After a prefill of P tokens and decode steps, every position holds what the format says:
@@ -129,6 +130,23 @@ def test_batch_rows_never_share_state(stories, ids, spec):
     assert checked >= 5 * 8
     assert not np.array_equal(ab.win_k[2][1], ac.win_k[2][1])  # the other rows really differ
     assert int(ab.n_chunks[1]) == (93 + 120 + 40 + 30 - ab.S - ab.flush_at) // ab.G + 1
+
+
+def test_fit_applies_to_the_tensors_it_names(stories, ids):
+    """fit=v fits V's grids and leaves K's min/max ones (and codes) as plain kivi stores them;
+    fit=k the other way round."""
+    from minikv.kvstats import capture
+
+    a = capture(stories, ids[:300])
+    sched = [[200]] + [[1]] * 100
+    plain, fv, fk = (_feed(f"kivi:2,kbits=3,g=32,r=32{opt}", stories.kv_geometry, [a], sched)
+                     for opt in ("", ",fit=v", ",fit=k"))
+    for L in range(stories.kv_geometry.n_layers):
+        for name in ("kc", "ks", "km"):
+            np.testing.assert_array_equal(getattr(fv, name)[L], getattr(plain, name)[L])
+        for name in ("vc", "vs", "vm"):
+            np.testing.assert_array_equal(getattr(fk, name)[L], getattr(plain, name)[L])
+    assert not np.array_equal(fv.vs[2], plain.vs[2]) and not np.array_equal(fk.ks[2], plain.ks[2])
 
 
 @pytest.mark.parametrize("spec", ["kivi:16", "kivi:16,sink=4,r=160"])
@@ -306,6 +324,9 @@ def test_bits_per_value_counts_everything(stories, ids):
     stories.forward(np.asarray([ids[256:266]]), c)  # 10 window tokens at 16 bits
     assert c.nbytes() == pytest.approx(256 * 2 * g.n_layers * g.n_kv_heads * D * (k_bits + v_bits) / 2 / 8
                                        + 10 * 2 * g.n_layers * g.n_kv_heads * D * 2)
+    c8 = make_cache("kivi:2,g=32,r=32,sc=8", g, 1, 300, CPU)  # one byte per scale and per zero point
+    stories.forward(np.asarray([ids[:256]]), c8)
+    assert c8.bits_per_value() == pytest.approx((2 + 2 * 8 / 32 + 2 + 2 * 8 / D) / 2)
     p = make_cache("patternkv:2,g=32,r=32", g, 1, 300, CPU)
     stories.forward(np.asarray([ids[:256]]), p)
     extra = p.nbytes() - c.nbytes() + 10 * 2 * g.n_layers * g.n_kv_heads * D * 2  # same chunks, no window
@@ -327,7 +348,8 @@ def test_truncate_only_within_the_window(stories, ids):
     ("kivi:5", "bits=5 is not supported"), ("nqkv:8", "bits=8"), ("patternkv:2,m=0", "m <= mmax"),
     ("patternkv:2,mmax=300", "256"), ("patternkv:2,kmpoints=-1", "kmpoints=-1"), ("patternkv:2,kmpoints=16", ">= m=32"), ("nqkv:2,kaxis=diag", "kaxis=diag"), ("kivi:2,foo=1", "unknown option 'foo'"),
     ("kivi:2,g=12", "multiple of 8"), ("nqkv:2,bs=12", "multiple of 8"), ("kivi:2,kbits=x", "not an integer"),
-    ("nqkv:2,kaxis=channel,bs=48", "must divide g")])
+    ("nqkv:2,kaxis=channel,bs=48", "must divide g"), ("kivi:2,sc=4", "sc=4 must be"),
+    ("kivi:8,sc=8", "at most 4 bits"), ("patternkv:2,sc=8", "kivi.s alone"), ("patternkv:2,fit=mse", "kivi.s alone")])
 def test_invalid_specs_list_what_is_valid(spec, match):
     with pytest.raises(MinikvError, match=match) as e:
         parse_kv_spec(spec)

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from minikv.errors import MinikvError
+
 from conftest import STORIES, TEXT
 from minikv.cli.main import main
 
@@ -33,6 +35,16 @@ def test_presets_run_as_the_spec_they_name(capsys):
         assert main(argv + ["--kv", name, "--kv", spec]) == 0
         named, spelled = (json.loads(line) for line in capsys.readouterr().out.splitlines())
         assert named == spelled and named["kv"] == spec
+
+
+def test_preset_options_override_its_own():
+    from minikv.kv import parse_kv_spec
+
+    s = parse_kv_spec("Q2,sink=4,fit=mse")
+    assert (s.method, s.bits, s.options["sink"], s.options["fit"], s.options["rot"]) == ("kivi", 2, "4", "mse", "kv")
+    assert str(s) == "kivi:2,g=64,rot=kv,sink=4,fit=mse"  # each option once, what the outputs show
+    with pytest.raises(MinikvError, match="unknown option 'm'"):
+        parse_kv_spec("q3,m=3")
 
 
 def test_perplexity_table(capsys):

@@ -6,7 +6,9 @@ import pytest
 
 from minikv.kv.kivi import quantize_k_chunks, quantize_v_tokens
 from minikv.kv.nqkv import quantize_channel_blocks, quantize_token_blocks
-from minikv.kv.packing import f16_round, nf_codes, nf_levels, nf_params, pack, unpack
+from minikv.kv.packing import (CLIP, compact_params, compact_scale_min, f16_round, log_scales, nf_codes, nf_levels, nf_params,
+                               pack, sum_sq_in_order, uniform_codes, uniform_dequant, uniform_params,
+                               uniform_params_fit, unpack)
 from minikv.kv.patterns import chebyshev_centre, kmeans, minmax_assign, nearest_l2, v_use_residual
 
 RNG = np.random.default_rng(0)
@@ -58,6 +60,66 @@ def test_uniform_error_within_half_a_step(bits):
     assert (np.abs(v_hat - v) <= step / 2 * rel + np.abs(v) * 2.0 ** -22).all()
     if bits <= 4:  # and the error is really that of b bits, not better by accident
         assert np.abs(v_hat - v).max() > step.max() / 2 / 4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_compact_params_pick_the_least_error(bits):
+    """sc=8: an 8-bit log scale and an int8 zero point, on rows with large offsets (K's biased
+    channels), tiny ranges and constant rows. The scale is the covering one (error <= scale / 2)
+    or one of CLIP smaller ones where clipping the extremes costs less squared error."""
+    spread = RNG.uniform(0.001, 30, size=(4, 50, 1)).astype(np.float32)
+    x = kvlike(4, 50, 64) * spread + spread * RNG.uniform(-30, 30, size=(4, 50, 1)).astype(np.float32)
+    x[0, 0] = 7.0  # a constant row
+    x[0, 1] = np.linspace(-1e-3, 1e-3, 64)  # below the table's smallest scale
+    x = x.astype(np.float16).astype(np.float32)
+    e, z = compact_params(np, x, -1, bits)
+    assert e.dtype == np.uint8 and z.dtype == np.int8 and e.shape == z.shape == (4, 50, 1)
+    mn, mx, n = x.min(-1, keepdims=True), x.max(-1, keepdims=True), (1 << bits) - 1
+    table = log_scales()
+    e0 = np.minimum(np.searchsorted(table, np.maximum((mx - mn) / n, np.abs(mx + mn) / 238)), 255)
+    assert ((e <= e0) & (e >= e0 - CLIP)).all() and (e < e0).any() and (e == e0).any()
+
+    def sq_err(e, z):
+        s, m = compact_scale_min(np, e, z)
+        return ((uniform_dequant(uniform_codes(np, x, s, m, bits), s, m) - x) ** 2).sum(-1)
+
+    s0 = table[e0]
+    z0 = np.clip(np.rint(n / 2 - (mx + mn) / (2 * s0)), -128, 127).astype(np.int8)
+    assert (sq_err(e, z) <= sq_err(e0, z0) * (1 + 1e-5)).all()  # never worse than the covering scale
+    s, m = compact_scale_min(np, e0, z0)
+    x_hat0 = uniform_dequant(uniform_codes(np, x, s, m, bits), s, m)
+    assert (np.abs(x_hat0 - x) <= s / 2 * (1 + 2.0 ** -18) + np.abs(x) * 2.0 ** -21).all()
+    # and the choice is near fp16 min/max parameters' error on average, far better at 2 bits
+    s16, m16 = uniform_params(np, x, -1, bits)
+    ref = ((uniform_dequant(uniform_codes(np, x, s16, m16, bits), s16, m16) - x) ** 2).sum(-1)[1:]
+    assert np.mean(sq_err(e, z)[1:] / ref) < (0.8 if bits == 2 else 1.1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fitted_fp16_params_never_lose_to_min_max(bits):
+    """fit=mse with fp16 parameters: per set, the squared error is at most min/max parameters'
+    (they are candidate 0), the grids are fp16, and at 2 bits clipping wins on most sets."""
+    x = kvlike(6, 40, 64)
+    s, m = uniform_params_fit(np, x, -1, bits)
+    assert s.dtype == m.dtype == np.float16 and s.shape == (6, 40, 1)
+    s0, m0 = uniform_params(np, x, -1, bits)
+
+    def sq_err(s, m):
+        s, m = s.astype(np.float32), m.astype(np.float32)
+        return ((uniform_dequant(uniform_codes(np, x, s, m, bits), s, m) - x) ** 2).sum(-1)
+
+    fitted, plain = sq_err(s, m), sq_err(s0, m0)
+    assert (fitted <= plain).all()
+    assert ((fitted < plain).mean() > 0.5) if bits == 2 else (fitted < plain).any()
+    np.testing.assert_array_equal(uniform_params_fit(np, x, -1, bits, clip=0)[0], s0)  # clip=0: min/max
+
+
+def test_sum_sq_in_order_is_a_sequential_sum():
+    d = (RNG.normal(size=(3, 64, 5)) * 10.0 ** RNG.integers(-3, 3, size=(3, 64, 5))).astype(np.float32)
+    acc = np.zeros((3, 5), np.float32)
+    for i in range(64):
+        acc = (acc + d[:, i] * d[:, i]).astype(np.float32)
+    np.testing.assert_array_equal(sum_sq_in_order(np, d, 1)[:, 0], acc)
 
 
 def test_nf_levels():

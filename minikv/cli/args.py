@@ -48,8 +48,8 @@ def add_model_args(p: argparse.ArgumentParser, kv_multi: bool = False, ctx_help:
         p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N", help=ctx_help)
     if ubatch_help is not None:
         p.add_argument("-ub", "--ubatch-size", dest="ubatch", type=int, default=None, metavar="N", help=ubatch_help)
-    kv_help = ("KV cache: METHOD[:BITS][,key=value...], e.g. fp16, kivi:2, patternkv:4,sink=4 "
-               "(default fp16)")
+    kv_help = ("KV cache: METHOD[:BITS][,key=value...], e.g. fp16, kivi:2, patternkv:4,sink=4, or a preset "
+               "q2 / q3 / q4 (2-, 3-, 4-bit class; q2,sink=4 overrides its options) (default fp16)")
     if kv_multi:
         p.add_argument("--kv", action="append", default=None, metavar="SPEC",
                        help=kv_help + "; repeat to compare several on the same tokens")

@@ -98,8 +98,8 @@ class ChunkedQuantCache(KVCache):
         self.sink_v = self.per_layer(shape[:2] + (self.S,) + shape[3:], dt)
         self.win_k = self.per_layer(shape[:2] + (self.flush_at,) + shape[3:], dt)
         self.win_v = self.per_layer(shape[:2] + (self.flush_at,) + shape[3:], dt)
-        if self.fused is not None and self.G % 64:
-            self.fused = None  # the kernel walks chunks in 64-token tiles
+        if self.fused is not None and (self.G % 64 or not self.kernel_supports()):
+            self.fused = None  # the kernel walks chunks in 64-token tiles; else the reference attention
         # The reference attention keeps the flushed chunks dequantized; the kernel reads storage.
         hist = shape[:2] + ((0 if self.fused else self.n_chunks_max * self.G),) + shape[3:]
         self.hist_k = self.per_layer(hist, dt)
@@ -123,6 +123,10 @@ class ChunkedQuantCache(KVCache):
         self._window_only = False  # this step only appends to the windows (see _plan_step)
         self._pending: list = []  # first flushes waiting: (layer, rows, n chunks, xk, xv)
         self._pending_bytes = 0
+
+    def kernel_supports(self) -> bool:
+        """Whether the fused kernel reads this method's settings (else the reference attention runs)."""
+        return True
 
     def allocate(self) -> None:
         """Allocate the packed storage for n_chunks_max chunks per sequence and layer."""

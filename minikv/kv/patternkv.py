@@ -29,6 +29,8 @@ class PatternKVCache(KiviCache):
 
     @classmethod
     def check_settings(cls, s, bad):
+        if s["sc"] != 16 or s["fit"] != "minmax":
+            raise bad("sc=8 and fit=mse are kivi's alone: patternkv stores fp16 min/max scales and mins")
         if not 1 <= s["m"] <= s["mmax"] <= 256:
             raise bad(f"need 1 <= m <= mmax <= 256 (an index is one byte), got m={s['m']} mmax={s['mmax']}")
         if s["kmpoints"] and s["kmpoints"] < s["m"]:  # KMeans needs at least m points

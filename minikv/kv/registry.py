@@ -41,7 +41,10 @@ PRESETS = {
 
 
 def parse_kv_spec(text: str) -> KVSpec:
-    text = PRESETS.get(text.strip().lower(), text)
+    # a preset, alone or with options that override its own (q2,sink=4)
+    name, comma, rest = text.strip().partition(",")
+    if name.strip().lower() in PRESETS:
+        text = PRESETS[name.strip().lower()] + comma + rest
     head, *opts = [p.strip() for p in text.strip().split(",")]
     method, _, bits = head.partition(":")
     method = method.lower()
@@ -58,6 +61,8 @@ def parse_kv_spec(text: str) -> KVSpec:
         nbits = int(bits) if bits else None
     except ValueError:
         raise MinikvError(f"--kv {text!r}: bits {bits!r} is not an integer") from None
+    if comma and name.strip().lower() in PRESETS:  # show the preset's spec once, overrides in place
+        text = head + "".join(f",{k}={v}" for k, v in options.items())
     spec = KVSpec(method, nbits, options, text.strip())
     _METHODS[method].validate(spec)
     return spec
