@@ -5,6 +5,7 @@ top-p and min-p act on the untempered distribution; temperature 0 means greedy.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,14 +53,16 @@ class Sampler:
         # The uniform draw comes from the host RNG (a scalar kernel argument, no transfer), so
         # a seed gives the same stream on CPU and GPU.
         self.rng = np.random.default_rng(params.seed)
+        self.gpu = xp is not np  # the draw is one kernel (minikv/cuda/sample.py) where top-k bounds it
 
     def __call__(self, logits, history: list[int]):
         """logits: (V,) float32 on the device; history: ids so far. Returns a device scalar id,
         or -1 if the logits are not all finite (checked on the device: no extra transfer)."""
-        token = self._draw(logits, history)
-        return self.xp.where(self.xp.isfinite(logits.max()), token, -1)
+        token, checked = self._draw(logits, history)
+        return token if checked else self.xp.where(self.xp.isfinite(logits.max()), token, -1)
 
     def _draw(self, logits, history: list[int]):
+        """(the id, whether the finiteness check is done already)."""
         xp, p = self.xp, self.p
         if p.penalized and history:
             recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n:]
@@ -71,7 +74,26 @@ class Sampler:
             penalty = p.presence_penalty + p.frequency_penalty * counts.astype(np.float32)  # llama.cpp's order
             logits[ids] = seen - xp.asarray(penalty, dtype=np.float32)
         if p.greedy:
-            return xp.argmax(logits)
+            return xp.argmax(logits), False
+        V = logits.shape[0]
+        if self.gpu:
+            from .cuda import sample
+
+            if sample.supports(V, p.top_k):
+                u = self.rng.random()
+                try:
+                    return sample.sample_top(xp.ascontiguousarray(logits, dtype=np.float32), p.top_k, p.top_p, p.min_p,
+                                             p.temperature, u, xp.empty(1, np.int32)), True
+                except Exception as e:  # a kernel that does not build here: the array ops draw instead
+                    self.gpu = False
+                    print(f"minikv: warning: the sampling kernel failed ({type(e).__name__}: {e}); "
+                          "sampling with array ops", file=sys.stderr)
+                    return self._chain(logits, u), False
+        return self._chain(logits, self.rng.random()), False
+
+    def _chain(self, logits, u: float):
+        """top-k -> top-p -> min-p -> temperature -> the draw with uniform u, in array ops."""
+        xp, p = self.xp, self.p
         V = logits.shape[0]
         if 0 < p.top_k < V:
             cand = xp.argpartition(-logits, p.top_k - 1)[:p.top_k]  # (k,) unordered
@@ -89,5 +111,5 @@ class Sampler:
             keep &= probs >= p.min_p * probs[0]
         w = xp.where(keep, xp.exp((lg - lg[0]) / p.temperature), 0.0)
         c = xp.cumsum(w)
-        i = xp.searchsorted(c, c[-1:] * self.rng.random(), side="right")[0]
+        i = xp.searchsorted(c, c[-1:] * u, side="right")[0]
         return cand[xp.minimum(i, cand.shape[0] - 1)]

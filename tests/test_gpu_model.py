@@ -38,3 +38,39 @@ def test_gpu_sampling_runs_on_device():
     picks = [s(logits, [1, 2, 3]) for _ in range(50)]
     assert all(isinstance(p, cp.ndarray) for p in picks)
     assert {int(p) for p in picks} <= top20
+
+
+def test_sample_kernel_draws_what_the_array_ops_draw():
+    """The one-launch sampler (kernels_cu/sample.cu) against the Sampler's array ops on NumPy with
+    the same seed (so the same uniform): top-k 1..256 over real vocabulary sizes, top-p, min-p,
+    temperature; and -1 for NaN, +inf or no finite logit."""
+    import cupy as cp
+
+    from minikv.cuda import sample
+    from minikv.sampler import Sampler, SamplingParams
+
+    rng = np.random.default_rng(0)
+    differ = []
+    for trial in range(120):
+        V = int(rng.choice([1000, 49152, 128256]))
+        logits = (rng.standard_normal(V) * rng.uniform(0.5, 4)).astype(np.float32)
+        p = SamplingParams(temperature=float(rng.uniform(0.3, 1.5)), top_k=int(rng.choice([1, 5, 40, 256])),
+                           top_p=float(rng.choice([1.0, 0.9, 0.5])), min_p=float(rng.choice([0.0, 0.05, 0.2])),
+                           seed=trial)
+        assert sample.supports(V, p.top_k)
+        want = int(Sampler(p, np)(logits, []))
+        u = np.random.default_rng(trial).random()  # the Sampler's first uniform with this seed
+        got = sample.sample_top(cp.asarray(logits), p.top_k, p.top_p, p.min_p, p.temperature, u, cp.empty(1, np.int32))
+        if int(got) != want:
+            differ.append((trial, int(got), want))
+    assert len(differ) <= 1, differ  # float sums in another order may move one draw across a boundary
+    s = Sampler(SamplingParams(seed=0), cp)
+    assert isinstance(s(cp.asarray(logits), []), cp.ndarray) and s.gpu  # the Sampler draws with the kernel
+    for bad in (np.nan, np.inf):
+        x = cp.zeros(5000, np.float32)
+        x[123] = bad
+        assert int(s(x, [])) == -1
+    assert int(s(cp.full(5000, -np.inf, np.float32), [])) == -1
+    x = cp.full(5000, -np.inf, np.float32)
+    x[7] = 1.0
+    assert int(s(x, [])) == 7  # -inf logits are never drawn

@@ -57,7 +57,7 @@ def test_rope_in_place_on_qkv(ops, H, Hkv, D, T):
     rng = cp.random.RandomState(2)
     qkv = rng.standard_normal((2, T, (H + 2 * Hkv) * D), dtype=np.float32).astype(np.float16)
     rope = Rope(RopeConfig(theta=500000.0, type="llama3", factor=8.0), D, cp)
-    step = rope.step(np.array([[100 + t for t in range(T)], [5000 + t for t in range(T)]]))
+    step = rope.step(cp.asarray([[100 + t for t in range(T)], [5000 + t for t in range(T)]], dtype=np.int32))
     want = ref.qkv_heads(qkv.copy(), step, H, Hkv, D)
     got = cu.qkv_heads(qkv.copy(), step, H, Hkv, D)
     for g, w in zip(got, want):
