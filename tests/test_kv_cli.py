@@ -37,6 +37,14 @@ def test_presets_run_as_the_spec_they_name(capsys):
         assert named == spelled and named["kv"] == spec
 
 
+def test_generate_reports_the_spec_a_preset_names(capsys):
+    from minikv.kv.registry import PRESETS
+
+    argv = ["generate", str(STORIES), "-p", "Once upon a time", "-n", "3", "--temp", "0", "--device", "cpu", "--json"]
+    assert main(argv + ["--kv", "q3,sink=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv"] == PRESETS["q3"].replace("sink=32", "sink=2")
+
+
 def test_preset_options_override_its_own():
     from minikv.kv import parse_kv_spec
 

@@ -12,7 +12,7 @@ timeout -s INT 250 python3 -m pytest -q -m gpu -rs --timeout 120 tests/test_gpu_
   tests/test_gpu_attention.py tests/test_smollm2.py tests/test_server.py tests/test_passkey.py 2>&1 \
   | grep -vE "Writing model shards" > "$OUT/gpu_tests.log"
 tail -25 "$OUT/gpu_tests.log"
-timeout 120 python3 bench/profile/step_profile.py --shape smollm2-135m llama-3.1-8b --kv fp16 kivi:2 q2 --steps 100 2>&1 \
+timeout 120 python3 bench/profile/step_profile.py --shape smollm2-135m llama-3.1-8b --kv fp16 kivi:2 kivi:2,g=64 kivi:2,g=64,rot=kv q2 --steps 100 2>&1 \
   | tee "$OUT/step_profile.txt"
 waitbuild 200
 bash bench/device/side_smol.sh

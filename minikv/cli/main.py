@@ -26,12 +26,25 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"  # cupy's OOM
 
 
+def expand_presets(args) -> None:
+    """--kv as the full spec (a preset such as q2 spelled out, its options merged) wherever a
+    command shows or reports it; a bad spec fails here, before anything loads."""
+    from ..kv import parse_kv_spec
+
+    kv = getattr(args, "kv", None)
+    if isinstance(kv, str):
+        args.kv = str(parse_kv_spec(kv))
+    elif kv:
+        args.kv = [str(parse_kv_spec(s)) for s in kv]
+
+
 def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # model text is UTF-8 whatever the locale says
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8", errors="replace")
     args = build_parser().parse_args(argv)
     try:
+        expand_presets(args)
         return args.func(args) or 0
     except MinikvError as e:
         print(f"minikv: error: {e}", file=sys.stderr)
