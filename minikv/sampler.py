@@ -53,7 +53,11 @@ class Sampler:
         # The uniform draw comes from the host RNG (a scalar kernel argument, no transfer), so
         # a seed gives the same stream on CPU and GPU.
         self.rng = np.random.default_rng(params.seed)
-        self.gpu = xp is not np  # the draw is one kernel (minikv/cuda/sample.py) where top-k bounds it
+        self.kernel = None  # on the GPU the draw is one kernel (minikv/cuda/sample.py) where top-k bounds it
+        if xp is not np:
+            from .cuda import sample
+
+            self.kernel = sample
 
     def __call__(self, logits, history: list[int]):
         """logits: (V,) float32 on the device; history: ids so far. Returns a device scalar id,
@@ -76,19 +80,16 @@ class Sampler:
         if p.greedy:
             return xp.argmax(logits), False
         V = logits.shape[0]
-        if self.gpu:
-            from .cuda import sample
-
-            if sample.supports(V, p.top_k):
-                u = self.rng.random()
-                try:
-                    return sample.sample_top(xp.ascontiguousarray(logits, dtype=np.float32), p.top_k, p.top_p, p.min_p,
-                                             p.temperature, u, xp.empty(1, np.int32)), True
-                except Exception as e:  # a kernel that does not build here: the array ops draw instead
-                    self.gpu = False
-                    print(f"minikv: warning: the sampling kernel failed ({type(e).__name__}: {e}); "
-                          "sampling with array ops", file=sys.stderr)
-                    return self._chain(logits, u), False
+        if self.kernel is not None and self.kernel.supports(V, p.top_k):
+            u = self.rng.random()
+            try:
+                return self.kernel.sample_top(xp.ascontiguousarray(logits, dtype=np.float32), p.top_k, p.top_p,
+                                              p.min_p, p.temperature, u, xp.empty(1, np.int32)), True
+            except Exception as e:  # the kernel does not build or launch here: say so once, draw with array ops
+                self.kernel = None
+                print(f"minikv: warning: the sampling kernel failed ({type(e).__name__}: {e}); "
+                      "sampling with array ops", file=sys.stderr)
+                return self._chain(logits, u), False
         return self._chain(logits, self.rng.random()), False
 
     def _chain(self, logits, u: float):

@@ -43,8 +43,9 @@ PRESETS = {
 def parse_kv_spec(text: str) -> KVSpec:
     # a preset, alone or with options that override its own (q2,sink=4)
     name, comma, rest = text.strip().partition(",")
-    if name.strip().lower() in PRESETS:
-        text = PRESETS[name.strip().lower()] + comma + rest
+    preset = PRESETS.get(name.strip().lower())
+    if preset:
+        text = preset + comma + rest
     head, *opts = [p.strip() for p in text.strip().split(",")]
     method, _, bits = head.partition(":")
     method = method.lower()
@@ -61,7 +62,7 @@ def parse_kv_spec(text: str) -> KVSpec:
         nbits = int(bits) if bits else None
     except ValueError:
         raise MinikvError(f"--kv {text!r}: bits {bits!r} is not an integer") from None
-    if comma and name.strip().lower() in PRESETS:  # show the preset's spec once, overrides in place
+    if preset and comma:  # show the preset's spec once, overrides in place
         text = head + "".join(f",{k}={v}" for k, v in options.items())
     spec = KVSpec(method, nbits, options, text.strip())
     _METHODS[method].validate(spec)
