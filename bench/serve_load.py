@@ -63,15 +63,24 @@ async def main(args) -> None:
         queue.put_nowait({"prompt": f"{i} {prompt}", "max_tokens": args.max_tokens, "temperature": 0,
                           "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True})
 
+    failed = []
+
     async def worker(session):
         while not queue.empty():
-            await one(session, url, queue.get_nowait(), runs)
+            try:
+                await one(session, url, queue.get_nowait(), runs)
+            except (asyncio.TimeoutError, aiohttp.ClientError) as e:  # reported, not raised: the rest still counts
+                failed.append(type(e).__name__)
 
     t0 = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         await asyncio.gather(*(worker(s) for _ in range(args.clients)))
-    print(report(runs, time.perf_counter() - t0, args.clients))
+    wall = time.perf_counter() - t0
+    if failed:
+        print(f"{len(failed)} of {args.requests} requests failed ({', '.join(sorted(set(failed)))}; "
+              f"--timeout {args.timeout:g} s per request)")
+    print(report(runs, wall, args.clients) if runs else "no request completed")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class Backend:
     def to_host(self, a) -> np.ndarray:
         return a.get() if self.is_gpu else np.asarray(a)
 
+    def readback(self, slots: int = 2) -> "Readback":
+        return Readback(self, slots)
+
     def memory_free(self) -> int | None:
         """Bytes free where this backend allocates: the GPU's free memory, or the host's available
         memory (None where the system does not say)."""
@@ -53,6 +56,46 @@ class Backend:
     def synchronize(self) -> None:
         if self.is_gpu:
             self.xp.cuda.get_current_stream().synchronize()
+
+
+class Readback:
+    """Small device arrays (drawn ids) copied to the host, each copy queued right behind the work
+    that produces it: `wait(ticket)` returns once that work is done, not after everything queued
+    since, so a decode loop reads id n while the GPU runs step n + 1 (a plain `.get()` would wait
+    for step n + 1 too). Up to `slots` copies may be in flight; a ticket is read once, before its
+    slot comes round again."""
+
+    NBYTES = 8192  # per slot: ids of up to 1024 rows (int64)
+
+    def __init__(self, backend: Backend, slots: int = 2):
+        self.gpu, self.turn = backend.is_gpu, 0
+        self.host = [backend.host_buffer(self.NBYTES, np.uint8) for _ in range(slots)]
+        if self.gpu:
+            cp = backend.xp
+            self.events = [cp.cuda.Event(block=False, disable_timing=True) for _ in range(slots)]
+        self.held: list = [None] * slots  # the host array each slot hands out
+
+    def start(self, a) -> int:
+        """Queue a's copy to the host (a: a device or host array of at most NBYTES); returns its ticket."""
+        t, self.turn = self.turn, (self.turn + 1) % len(self.host)
+        if not self.gpu:
+            self.held[t] = np.array(a)
+            return t
+        if a.nbytes > self.NBYTES:
+            raise ValueError(f"readback: {a.nbytes} bytes, at most {self.NBYTES}")
+        if not a.flags.c_contiguous:
+            raise ValueError("readback: a contiguous array is needed")
+        out = self.host[t][:a.nbytes].view(a.dtype).reshape(a.shape)  # pinned: the copy is asynchronous
+        a.data.copy_to_host_async(out.ctypes.data, a.nbytes)  # on the current stream
+        self.events[t].record()
+        self.held[t] = out
+        return t
+
+    def wait(self, ticket: int) -> np.ndarray:
+        """The array of `ticket`, once its copy is done."""
+        if self.gpu:
+            self.events[ticket].synchronize()
+        return self.held[ticket]
 
 
 def _cuda_available():

@@ -2,7 +2,7 @@
 fill the cache with `depth` tokens, then time a prompt of `p` tokens (pp: prompt tokens/s, fed in
 `ubatch` pieces as a session feeds it) and `n` decode steps of one token per sequence (tg:
 generated tokens/s, the greedy choice crossing to the host each step while the step it feeds
-runs, as a session's does).
+runs, as a session's does: backend.Readback).
 
 The roofline of a decode step is the bytes it must read, the weights (embedding rows aside) plus
 the KV cache, at the device's copy bandwidth measured in the same run.
@@ -97,14 +97,18 @@ def run(model, name: str, kv: str, batch: int, depth: int, p: int, n: int, ubatc
     logits = stepper.feed(prompt)
     be.synchronize()
     rows.append(BenchRow(name, kv, batch, depth, f"pp{p}", batch * p / (time.perf_counter() - t), peak.sample(), None))
+    readback = be.readback()
     tokens = xp.argmax(logits, axis=-1)
+    ticket = readback.start(tokens)
     for i in range(WARMUP + n):  # one greedy token per sequence, as generate runs it: the step feeding
-        if i == WARMUP:          # an id is queued first, then the id crosses to the host
+        if i == WARMUP:          # an id is queued first, then the id (copied behind its draw) is read
             t = time.perf_counter()
         logits = stepper.decode(tokens)
-        be.to_host(tokens)
         tokens = xp.argmax(logits, axis=-1)
-    be.to_host(tokens)
+        following = readback.start(tokens)
+        readback.wait(ticket)
+        ticket = following
+    readback.wait(ticket)
     rate = n / (time.perf_counter() - t)
     roof = None
     if bandwidth:

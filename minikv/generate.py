@@ -109,6 +109,7 @@ class Session:
         self.ubatch = ubatch or default_ubatch(self.backend)
         self.cache = make_cache(parse_kv_spec(kv), model.kv_geometry, 1, ctx, self.backend)
         self.stepper = Stepper(model, self.cache, self.ubatch, graphs)
+        self.readback = self.backend.readback()  # drawn ids to the host, one step behind the GPU
         self.tokens: list[int] = []  # ids whose keys/values the cache holds
 
     def reset(self) -> None:
@@ -157,16 +158,18 @@ class Session:
         history = list(prompt_ids)
         res.stop_reason = "length"
         drawn = sampler(logits, history)  # a device scalar id
+        ticket = self.readback.start(drawn)
         # Pipelined (no penalties: a draw does not need the previous id on the host): the step
         # feeding a drawn id is queued before the id is read, so the GPU runs it while the host
-        # reads, checks and prints the id. When the id ends the text, that step was spent, and
-        # the cache holds the id (self.tokens says so).
+        # reads, checks and prints the id (whose copy was queued before that step). When the id
+        # ends the text, that step was spent, and the cache holds the id (self.tokens says so).
         ahead = not params.penalized
         while max_tokens < 0 or len(res.token_ids) < max_tokens:
             fed = ahead and (max_tokens < 0 or len(res.token_ids) + 1 < max_tokens) and len(self.tokens) < self.ctx_size
             if fed:
                 following = sampler(self.stepper.decode(drawn.reshape(1))[0], history)
-            token = int(drawn)  # the one device -> host transfer per token
+                following_ticket = self.readback.start(following)
+            token = int(self.readback.wait(ticket))  # the one device -> host transfer per token
             if fed:
                 self.tokens.append(token)
             if token < 0:
@@ -191,7 +194,11 @@ class Session:
             if not fed and len(self.tokens) >= self.ctx_size:
                 res.stop_reason = "context"
                 break
-            drawn = following if fed else sampler(self.feed([token]), history)
+            if fed:
+                drawn, ticket = following, following_ticket
+            else:
+                drawn = sampler(self.feed([token]), history)
+                ticket = self.readback.start(drawn)
         if res.stop_reason != "stop":
             tail = stops.flush()
             if tail:

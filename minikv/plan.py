@@ -3,7 +3,7 @@ workspace fit the memory there is? If not, one line says what would.
 
 Weights are counted from the checkpoint's tensor shapes in the compute dtype, the KV cache by its
 method's own constructor (`cache_bytes`, nothing allocated), the activations from the shapes of
-one forward pass of `ubatch` tokens (the largest live set: the MLP's), the workspace as a fixed
+one forward pass of `ubatch` tokens over all rows (the largest live set: the MLP's), the workspace as a fixed
 allowance plus what the method holds while it quantizes a prompt.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def plan(cfg: ModelConfig, weights: int, kv: str, ctx: int, ubatch: int, batch: 
                       cfg.attn_scale)
     spec = parse_kv_spec(kv)
     return MemoryPlan(str(spec), ctx, batch, weights, cache_bytes(spec, geom, batch, ctx, backend),
-                      activation_bytes(cfg, min(ubatch, ctx) * batch, ctx, backend),
+                      activation_bytes(cfg, min(ubatch, ctx * batch), ctx, backend),
                       WORKSPACE[backend.is_gpu] + method_class(spec).FIRST_FLUSH_BATCH_BYTES, budget)
 
 

@@ -24,14 +24,15 @@ class Stepper:
 
     def feed(self, ids):
         """ids (B, T) host ints, appended to the cache: one decode step when T == 1, else the
-        prompt in ubatch pieces, later pieces reading what earlier ones stored. Returns the
+        prompt in pieces of ubatch tokens over the B rows, later pieces reading what earlier ones stored. Returns the
         float32 logits (B, V) after each row's last token, valid until the next step."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.shape[1] == 1:
             return self.decode(ids[:, 0])
-        for a in range(0, ids.shape[1], self.ubatch):
-            last = a + self.ubatch >= ids.shape[1]
-            logits = self.model.forward(ids[:, a:a + self.ubatch], self.cache, logits="last" if last else "none")
+        piece = max(1, self.ubatch // ids.shape[0])  # ubatch counts the tokens of all rows, as llama.cpp's
+        for a in range(0, ids.shape[1], piece):
+            last = a + piece >= ids.shape[1]
+            logits = self.model.forward(ids[:, a:a + piece], self.cache, logits="last" if last else "none")
         return logits
 
     def decode(self, tokens, n_new=1):

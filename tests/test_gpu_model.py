@@ -74,3 +74,27 @@ def test_sample_kernel_draws_what_the_array_ops_draw():
     x = cp.full(5000, -np.inf, np.float32)
     x[7] = 1.0
     assert int(s(x, [])) == 7  # -inf logits are never drawn
+
+
+def test_readback_returns_each_draw_while_later_work_is_queued():
+    """Readback hands out each id as drawn, though the copy is waited on after more work (that
+    overwrites the drawn array's buffer) was queued behind it, slots taking turns."""
+    import cupy as cp
+
+    be = get_backend("cuda")
+    rb = be.readback()
+    x = cp.zeros(1 << 24, np.float32)
+    ids = cp.zeros(3, np.int64)
+    want, tickets = [], []
+    for i in range(6):
+        ids[...] = cp.arange(3) * 10 + i  # the "draw"
+        tickets.append(rb.start(ids))
+        want.append([i, 10 + i, 20 + i])
+        for _ in range(20):  # the "next step": queued work the copy must not wait for
+            x += 1
+        ids[...] = -1
+        if len(tickets) == 2:
+            assert rb.wait(tickets.pop(0)).tolist() == want.pop(0)
+    assert rb.wait(tickets.pop(0)).tolist() == want.pop(0)
+    drawn = cp.asarray(np.int32(7)).reshape(())  # a 0-d int32 id (the sampling kernel's)
+    assert int(rb.wait(rb.start(drawn))) == 7

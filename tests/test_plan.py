@@ -48,3 +48,20 @@ def test_ctx_zero_is_the_largest_that_fits(capsys):
 @pytest.mark.parametrize("gpu_mem", ["0", "-1", "nan"])
 def test_gpu_mem_must_be_positive(capsys, gpu_mem):
     assert_error(capsys, f"--gpu-mem {gpu_mem}", *gen(STORIES, "--gpu-mem", gpu_mem))
+
+
+def test_ubatch_counts_the_tokens_of_all_rows(monkeypatch):
+    """-ub is the most tokens one forward takes over all its rows (llama.cpp's meaning): 4 prompts
+    go 16 tokens a row at -ub 64, and the planner charges one 64-token forward for any batch."""
+    from minikv.stepper import Stepper
+
+    model = load_model(STORIES, CPU)
+    widths, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, *a, **k: (widths.append(ids.shape), forward(ids, *a, **k))[1])
+    Stepper(model, make_cache("fp16", model.kv_geometry, 4, 128, CPU), 64, graphs=False).feed(np.ones((4, 40)))
+    assert widths == [(4, 16), (4, 16), (4, 8)]
+    files = open_model(STORIES)
+    w = weight_bytes(files.shapes, CPU.dtype)
+    one = plan(files.cfg, w, "fp16", 512, 64, 1, CPU, None).activations
+    assert plan(files.cfg, w, "fp16", 512, 64, 8, CPU, None).activations == one
+    assert plan(files.cfg, w, "fp16", 16, 64, 2, CPU, None).activations < one  # 32 tokens in all

@@ -14,13 +14,13 @@ startbuild() {  # llama-bench and llama-server from .carry/llsrc into /tmp/llb, 
   setsid nohup bash -c "cmake -S .carry/llsrc -B /tmp/llb -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release -G Ninja \
-    > /tmp/llb.configure.log 2>&1 && cmake --build /tmp/llb --target llama-bench llama-server -j 14 \
-    > /tmp/llb.build.log 2>&1; echo \$? > /tmp/llb.rc" > /dev/null 2>&1 < /dev/null &
+    > /tmp/llb.configure.log 2>&1 && { cmake --build /tmp/llb --target llama-bench llama-server -j 14 \
+    || cmake --build /tmp/llb --target llama-bench llama-server -j 6; } > /tmp/llb.build.log 2>&1; echo \$? > /tmp/llb.rc" > /dev/null 2>&1 < /dev/null &
 }
 waitbuild() {  # up to $1 seconds; the build's errors go to $OUT
   local i
   for i in $(seq 1 "${1:-400}"); do [ -e /tmp/llb.rc ] && break; sleep 1; done
   echo "llama build rc=$(cat /tmp/llb.rc 2>/dev/null) after ${i}s"
-  [ "$(cat /tmp/llb.rc 2>/dev/null)" = 0 ] || grep -B2 -A12 -m3 -E "error|FAILED" /tmp/llb.build.log /tmp/llb.configure.log \
-    > "$OUT/llb_errors.log" 2>/dev/null
+  [ "$(cat /tmp/llb.rc 2>/dev/null)" = 0 ] || { grep -B2 -A12 -m3 -E "error|FAILED" /tmp/llb.build.log /tmp/llb.configure.log; \
+    tail -40 /tmp/llb.build.log; free -g; df -h /tmp; } > "$OUT/llb_errors.log" 2>&1
 }

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/../.."
 source bench/device/setup.sh
 startbuild
 [ -x /tmp/llb/bin/llama-bench ] || waitbuild 400
+[ -e /tmp/side_smol.done ] || bash bench/device/side_smol.sh
 V=.carry/vocab_smollm2.json; L=/tmp/llb/bin/llama-bench
 [ -e /tmp/l8b.gguf ] || python3 ../shared/anchors/llamacpp/gen_gguf.py llama-3.1-8b $V /tmp/l8b.gguf > /dev/null
 { echo "== llama-bench 8B f16"; $L -m /tmp/l8b.gguf -ngl 99 -fa 1 -ctk f16 -ctv f16 -p 512 -n 128 -d 0,8192 -r 2 -o md 2>&1 | grep "^|"

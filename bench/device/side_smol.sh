@@ -13,3 +13,4 @@ python3 ../shared/anchors/llamacpp/gen_gguf.py smollm2-135m $V /tmp/smol.gguf > 
       | python3 -c "import json,sys; d=json.load(sys.stdin); print('temp', $t, d['timings'])"
   done
 } 2>&1 | tee "$OUT/side_smol.txt"
+[ -x $L ] && touch /tmp/side_smol.done

@@ -3,8 +3,8 @@
     python3 bench/profile/step_profile.py --shape smollm2-135m llama-3.1-8b --kv fp16 kivi:2 [--depth 0]
 
 Per shape and method, ms per step of:
-  loop     bench's tg loop (what `minikv bench` times): the step feeding an id queued, then the
-           id read, then the argmax of the step's logits queued
+  loop     bench's tg loop (what `minikv bench` times): the step feeding an id queued, the argmax
+           of its logits queued with its copy to the host, then the previous id read
   serial   the same without the overlap: argmax, the id to the host, then the next step
   gpu      the step's captured graph replayed back to back: its GPU work alone
   plan     the host's step bookkeeping (begin_step, graph_key, end_step) with no GPU work
@@ -49,11 +49,16 @@ def profile(shape, kv, depth, steps, be):
         nonlocal tok
         tok = be.to_host(xp.argmax(st.decode(tok), axis=-1))
 
-    def loop():  # as `minikv bench` and generate: the next step queued before the id is read
-        nonlocal drawn
+    readback = be.readback()
+    ticket = readback.start(drawn)
+
+    def loop():  # as `minikv bench` and generate: the next step queued before the id is read,
+        nonlocal drawn, ticket  # whose copy was queued behind its own draw
         logits = st.decode(drawn)
-        be.to_host(drawn)
         drawn = xp.argmax(logits, axis=-1)
+        following = readback.start(drawn)
+        readback.wait(ticket)
+        ticket = following
 
     for _ in range(4):
         serial()  # captures, first flushes

@@ -50,13 +50,11 @@ def run(args) -> int:
         raise MinikvError(f"--ubatch-size {args.ubatch}: use 1 or more tokens")
 
     def planner(a, f, be):
-        # A prefill forward takes at most -ub tokens over its rows (N x -ub / N when every slot
-        # has a prompt): the planner counts N rows of -ub / N tokens.
-        a.ubatch = max(1, (args.ubatch or default_ubatch(be)) // args.parallel)
+        a.ubatch = args.ubatch or default_ubatch(be)  # a prefill forward's tokens over all its rows
         return session_ctx(a, f, be, batch=args.parallel)
     backend, files, ctx = prepare(per_slot, planner)
     model_id = args.alias or Path(model_arg(args) or files.dir).name
-    ubatch = per_slot.ubatch * args.parallel  # a forward's tokens: one slot's piece, or N slots' smaller ones
+    ubatch = per_slot.ubatch
 
     def load():
         model, tok = load_weights(files, backend)
