@@ -125,7 +125,7 @@ __device__ __forceinline__ void decode_nf(__half* dst, int ld, const HalfRow<D, 
     }
 }
 
-// The cache methods, as the attention kernel's METHOD template argument (minikv/cuda/attention.py).
+// The cache methods, as the attention kernel's METHOD template argument (KernelMethod.ident: minikv/cuda/kivi.py, nqkv.py, patternkv.py).
 enum Method { DENSE = 0, KIVI = 1, NQKV_TOKEN = 2, NQKV_CHANNEL = 3, PATTERN = 4 };
 
 // rowinfo (B, 6) int32 per sequence: sinks, chunks, window tokens, step tokens, step offset

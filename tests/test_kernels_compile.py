@@ -54,19 +54,22 @@ def test_compiles(src, arch, tmp_path):
 
 @pytest.mark.nvcc_matrix
 def test_decode_variants_do_not_spill(tmp_path):
-    """Every decode kernel variant the wrapper picks (decode_variant, either block size) keeps its
-    state in registers on sm_90: a spill would put local-memory traffic on every key of the hot loop."""
+    """Every decode kernel variant the wrapper picks (each method's KernelMethod.groups, either
+    block size) keeps its state in registers on sm_90: a spill would put local-memory traffic on
+    every key of the hot loop."""
     nvcc = nvcc_or_skip()
-    from minikv.cuda.attention import DECODE_BITS, DECODE_WARPS, METHODS, decode_variant
+    from minikv.cuda import kivi, nqkv, patternkv  # noqa: F401  (each declares its KernelMethod)
+    from minikv.cuda.attention import DECODE_WARPS, KERNEL_METHODS
 
+    assert set(KERNEL_METHODS) == {"fp16", "kivi", "nqkv_token", "nqkv_channel", "patternkv"}
     lines, names = ['#include "decode.cu"'], []
-    for method, bits in DECODE_BITS.items():
-        for kb in bits:
-            for vb in bits:
-                ng = decode_variant(method, kb, vb)
+    for method in KERNEL_METHODS.values():
+        for kb in method.decode_bits:
+            for vb in method.decode_bits:
+                ng = method.groups(kb, vb)
                 for D in (64, 128):
                     for warps in DECODE_WARPS:
-                        args = (D, METHODS[method], kb, vb, ng, warps)
+                        args = (D, method.ident, kb, vb, ng, warps)
                         lines.append(f"void* v{len(names)} = (void*)&attend_decode<{', '.join(map(str, args))}>;")
                         names.append(args)
     src = tmp_path / "variants.cu"

@@ -17,13 +17,18 @@ run_minikv() {  # kv slots ctx
   minikv serve /tmp/m8b --kv $1 -np $2 -c $3 --gpu-mem 23 --port 8090 -v > /tmp/srv_$1.log 2>&1 & P=$!
   up 8090 && load 8090 | tee -a $R; kill $P; wait $P 2>/dev/null; tail -3 /tmp/srv_$1.log | tee -a $R
 }
-run_minikv kivi:2 32 262144
-run_minikv q2 32 262144
-run_minikv fp16 6 49152
 waitbuild 300
 LS=/tmp/llb/bin/llama-server
-if [ -x $LS ]; then
+if [ -x $LS ]; then  # first: its figures were the ones missing (its load timed out in session 22's call)
   echo "== llama-server f16 -np 32 -c 262144" | tee -a $R
   $LS -m /tmp/l8b.gguf -ngl 99 -fa on -np 32 -c 262144 --port 8091 > /tmp/lls.log 2>&1 & P=$!
-  up 8091 && load 8091 | tee -a $R; kill $P; wait $P 2>/dev/null; grep -iE "error|KV self size|kv_size" /tmp/lls.log | head -3 | tee -a $R
+  if up 8091; then
+    echo "-- 8 requests of ~1K tokens first" | tee -a $R
+    timeout 90 python3 bench/serve_load.py --port 8091 -c 8 -m 8 --max-tokens 64 --prompt-tokens 1024 --timeout 80 2>&1 | tee -a $R
+    load 8091 | tee -a $R
+  fi
+  kill $P; wait $P 2>/dev/null; grep -iE "error|n_ctx_slot|n_ctx " /tmp/lls.log | head -5 | tee -a $R; tail -4 /tmp/lls.log | tee -a $R
 fi
+run_minikv kivi:2 32 262144
+run_minikv fp16 6 49152
+run_minikv q2 32 262144

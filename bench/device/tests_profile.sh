@@ -15,6 +15,8 @@ timeout -s INT 230 python3 -m pytest -q -m gpu -rs --timeout 120 tests/test_gpu_
 tail -25 "$OUT/gpu_tests.log"
 { timeout 110 python3 bench/profile/step_profile.py --shape smollm2-135m llama-3.1-8b \
     --kv fp16 kivi:2 kivi:2,g=64 kivi:2,rot=kv q2 --steps 100
+  echo "== can a step of 32 rows (cuBLAS) be captured?"
+  timeout 40 python3 bench/profile/cublas_capture.py --rows 32
   echo "== attention kernel: presets against kivi at the same bits (Llama-3.1-8B attention shape)"
   timeout 90 python3 bench/kernels.py --ctx 8192 32768 --batch 1 --prefill \
     --kv kivi:2 kivi:2,g=64 q2 kivi:3 q3 kivi:4 q4

@@ -4,17 +4,87 @@ by a second launch (attend_reduce), or, in the decode kernel, by the last block 
 to finish. Steps with at most 8 query rows per kv head (decode) whose codes are 2, 4
 or 8 bits (nqkv: 2 or 4, token-axis blocks) run kernels_cu/decode.cu (register-resident tiles);
 everything else (prefill, chunked scoring, 3-bit codes, nqkv with channel-axis K blocks) runs
-kernels_cu/attention.cu (shared-memory tiles)."""
+kernels_cu/attention.cu (shared-memory tiles). What a method's chunks look like to these kernels is
+the method's own: a KernelStorage subclass and a KernelMethod in its cuda/ module."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from .module import check, f32, i32, kernel
 
 TILE, THREADS = 64, 128
-METHODS = {"fp16": 0, "kivi": 1, "nqkv_token": 2, "nqkv_channel": 3, "patternkv": 4}
+
+
+@dataclass(frozen=True)
+class KernelMethod:
+    """A method's tile decoder as the fused kernels know it: its id in tiles.cuh's Method enum, the
+    code widths decode.cu's register-tile kernel takes (others run attention.cu), and whether
+    its blocks hold pattern tables. Each method's own module (cuda/kivi.py, ...) declares its own."""
+    name: str
+    ident: int
+    decode_bits: tuple[int, ...] = ()
+    patterns: bool = False  # per-block q.C tables, sized by the fullest sequence's pattern count
+
+    def __post_init__(self):
+        KERNEL_METHODS[self.name] = self
+
+    def groups(self, kb: int, vb: int) -> int:
+        """16-key groups each warp of decode.cu loads a step ahead: 4, unless its registers then
+        spill (ptxas, head_dim 128: 4 + 4 bits or more), which get 2, and 8 + 8 bits 1.
+        tests/test_kernels_compile.py checks that no variant picked spills, with either block size."""
+        return 4 if kb + vb <= 6 else 2 if kb + vb < 16 else 1
+
+    def decodes(self, st: "KernelStorage", D: int) -> bool:
+        """Whether decode.cu reads this storage (else attention.cu does)."""
+        return st.kbits in self.decode_bits and st.vbits in self.decode_bits
+
+    def lookup_tables(self, st: "KernelStorage") -> int:
+        """Code-level tables decode.cu keeps in shared memory (nqkv's), 0 to 2."""
+        return 0
+
+
+KERNEL_METHODS: dict[str, KernelMethod] = {}  # by name, as each method module declares its own
+FP16 = KernelMethod("fp16", 0, (16,))
+
+
+@dataclass(frozen=True)
+class Nulls:
+    """Stand-in device pointers for the storage arguments a method does not use."""
+    h: object  # fp16
+    b: object  # uint8
+    f: object  # float32
+
+
+@dataclass(frozen=True)
+class KernelStorage:
+    """What the fused kernels read of one layer's quantized chunks, laid out as their storage
+    arguments by `args`. This base is the fp16 cache's: no chunks. A method's subclass (in its
+    cuda/ module) names its typed arrays, checks them when built, and says which kernel reads them."""
+    kernel: ClassVar[KernelMethod] = FP16
+    kbits: ClassVar[int] = 16
+    vbits: ClassVar[int] = 16
+    G: ClassVar[int] = TILE  # tokens per chunk (the base: one tile, unused)
+
+    def args(self, null: Nulls) -> tuple:
+        """(kc, ks, km, vc, vs, vm, chunk capacity, G, block size, K levels, V levels, K pattern
+        indices, V pattern indices, V mask, K patterns, V patterns, mmax): attention.cu's and
+        decode.cu's storage parameters (tiles.cuh), in order."""
+        return self.codes(null) + self.extras(null)
+
+    def codes(self, null: Nulls) -> tuple:
+        h, b = null.h, null.b
+        return (b, h, h, b, h, h, i32(0), i32(self.G), i32(64))
+
+    def extras(self, null: Nulls) -> tuple:
+        h, b, f = null.h, null.b, null.f
+        return (f, f, b, b, b, h, h, i32(0))
+
+    def pattern_table(self, rowinfo: np.ndarray) -> int:
+        """Patterns per block table (a multiple of 64) for the fullest sequence of the step, 0 without."""
+        return 0
 
 
 def smem_bytes(D: int, rows: int, mmax: int = 0) -> int:
@@ -27,20 +97,7 @@ def smem_bytes(D: int, rows: int, mmax: int = 0) -> int:
 
 
 DECODE_WARPS, DECODE_ROWS = (8, 4), 8  # warps per block of the decode kernel (preferred first), query rows
-DECODE_BITS = {"fp16": (16,), "kivi": (2, 4, 8), "patternkv": (2, 4), "nqkv_token": (2, 4)}
 NQ_TABLE = 256 * 128  # bytes of one nqkv lookup table in decode.cu (decode_nq.cuh)
-
-
-def decode_variant(method: str, kb: int, vb: int) -> int:
-    """16-key groups each warp of decode.cu's kernel loads a step ahead for a method: 4, unless
-    its registers then spill (ptxas, head_dim 128: kivi with 4 + 4 bits or more, patternkv with
-    more than 2 + 2, nqkv always), which get 2, and kivi with 8 + 8 bits 1.
-    tests/test_kernels_compile.py checks that no variant picked here spills, with either block size."""
-    if method == "nqkv_token":
-        return 2
-    if kb + vb <= (4 if method == "patternkv" else 6):
-        return 4
-    return 2 if kb + vb < 16 else 1
 
 
 def decode_smem_bytes(D: int, patterns: bool, mp: int, warps: int, nq_tables: int = 0) -> int:
@@ -53,36 +110,11 @@ def decode_smem_bytes(D: int, patterns: bool, mp: int, warps: int, nq_tables: in
     return qc + al(R * mp * 4) + al(W * mp * R * 4) if patterns else qc + nq_tables * NQ_TABLE
 
 
-@dataclass
-class Storage:
-    """What the kernel reads of a method's packed chunks for one layer (None: unused)."""
-    method: str
-    kbits: int = 16
-    vbits: int = 16
-    kc: object = None
-    ks: object = None
-    km: object = None
-    vc: object = None
-    vs: object = None
-    vm: object = None
-    n_chunks_cap: int = 0
-    G: int = TILE
-    bs: int = 64
-    levels_k: object = None
-    levels_v: object = None
-    kidx: object = None
-    vidx: object = None
-    vmask: object = None
-    kpat: object = None
-    vpat: object = None
-    mmax: int = 0
-
-
 class FusedAttention:
     """decode: route steps of <= 8 query rows per kv head to the register-tile kernel where the
     method allows (False: always the shared-memory-tile kernel; tests compare both).
     groups: 16-key groups each warp of the decode kernel loads a step ahead (None: as
-    decode_variant picks), warps: its warps per block, 8 or 4 (None: 8 where the shared memory
+    its KernelMethod picks), warps: its warps per block, 8 or 4 (None: 8 where the shared memory
     allows, which at batch 1 runs 6-15% faster on an H100). keys_per_pattern: the
     fewest keys a block takes per pattern of its tables (patternkv: every block reads both
     pattern tables from L2, so short splits would read more table than cache). min_keys: the
@@ -101,9 +133,7 @@ class FusedAttention:
         self.smem_max = dev.attributes["MaxSharedMemoryPerBlockOptin"]
         self.smem_sm = dev.attributes["MaxSharedMemoryPerMultiprocessor"]
         self.regs_sm = dev.attributes["MaxRegistersPerMultiprocessor"]
-        self._null_h = cp.zeros(8, np.float16)  # stand-in pointers for unused arguments
-        self._null_b = cp.zeros(8, np.uint8)
-        self._null_f = cp.zeros(16, np.float32)
+        self._nulls = Nulls(cp.zeros(8, np.float16), cp.zeros(8, np.uint8), cp.zeros(16, np.float32))
         self._kernels: dict = {}
         if warps not in (None, *DECODE_WARPS):
             raise ValueError(f"the decode kernel takes {DECODE_WARPS} warps per block, not {warps}")
@@ -115,12 +145,12 @@ class FusedAttention:
         # B * Hkv heads, so a captured step never sees them reallocated
         self._counters = cp.zeros(max_heads, np.int32)
 
-    def _kernel(self, method: str, kb: int, vb: int, rows: int, smem: int, warps: int = 0):
+    def _kernel(self, method: KernelMethod, kb: int, vb: int, rows: int, smem: int, warps: int = 0):
         """rows: 16 or 64 (attention.cu's row tile), 0 for decode.cu's kernel (warps per block)."""
-        key = (method, kb, vb, rows, self.groups, warps)
+        key = (method.ident, kb, vb, rows, self.groups, warps)
         if key not in self._kernels:
-            m = METHODS[method]
-            ng = self.groups or decode_variant(method, kb, vb)
+            m = method.ident
+            ng = self.groups or method.groups(kb, vb)
             self._kernels[key] = (kernel("decode", f"attend_decode<{self.D}, {m}, {kb}, {vb}, {ng}, {warps}>") if rows == 0
                                   else kernel("attention", f"attend<{self.D}, {m}, {kb}, {vb}, {rows}>"))
         k = self._kernels[key]
@@ -128,7 +158,7 @@ class FusedAttention:
             k.max_dynamic_shared_size_bytes = smem
         return k
 
-    def __call__(self, q, rowinfo: np.ndarray, scale: float, sinks, window, step, storage: Storage,
+    def __call__(self, q, rowinfo: np.ndarray, scale: float, sinks, window, step, storage: KernelStorage,
                  tiles: int, rowinfo_dev=None):
         """q (B, H, T, D) fp16 (any strides, last dim contiguous); rowinfo host int (B, 6):
         sinks, chunks, window, step tokens, step offset, patterns per sequence, and rowinfo_dev the
@@ -146,16 +176,12 @@ class FusedAttention:
             if a.dtype != np.float16 or a.strides[-1] != 2:
                 raise ValueError(f"fused attention: {name} must be fp16 with a contiguous last dim")
         g = H // Hkv
-        if s.method != "fp16" and not np.any(rowinfo[:, 1]):
-            s = Storage("fp16")  # no chunks (a prefill): every segment read is fp16, in the lean kernel
-        # patternkv's per-block tables hold as many patterns as the fullest sequence has
-        mp = -(-int(np.max(rowinfo[:, 5])) // 64) * 64 if s.method == "patternkv" else 0
-        ok_bits = DECODE_BITS.get(s.method, ())
-        # nqkv: a lane's run of a key's channels (D/4 of K, D/8 of V) must lie in one absmax block
-        ok_bs = s.method != "nqkv_token" or min(s.bs, D) % (D // 4) == 0
-        if self.decode and g * T <= DECODE_ROWS and s.kbits in ok_bits and s.vbits in ok_bits and ok_bs:
-            pat = s.method == "patternkv"
-            nq = (1 + (s.kbits != s.vbits)) if s.method == "nqkv_token" else 0
+        if s.kernel is not FP16 and not np.any(rowinfo[:, 1]):
+            s = KernelStorage()  # no chunks (a prefill): every segment read is fp16, in the lean kernel
+        method = s.kernel
+        mp = s.pattern_table(rowinfo)
+        if self.decode and g * T <= DECODE_ROWS and method.decodes(s, D):
+            pat, nq = method.patterns, method.lookup_tables(s)
             warps = self.warps or next((w for w in DECODE_WARPS if decode_smem_bytes(D, pat, mp, w, nq) <= self.smem_max),
                                        DECODE_WARPS[-1])
             rows, smem, threads = 0, decode_smem_bytes(D, pat, mp, warps, nq), warps * 32
@@ -168,7 +194,7 @@ class FusedAttention:
             row_tiles, min_tiles = -(-g * T // rows), 4  # >= 4 tiles per block amortise the merge
         min_tiles = max(min_tiles, -(-mp * self.keys_per_pattern // 64), -(-self.min_keys // 64))
         blocks = B * Hkv * row_tiles
-        kern = self._kernel(s.method, s.kbits, s.vbits, rows, smem, warps)
+        kern = self._kernel(method, s.kbits, s.vbits, rows, smem, warps)
         # Split the keys so that all blocks run in one wave (a partial second wave can cost up
         # to half the time).
         per_sm = min(self.smem_sm // (smem + 1024), self.regs_sm // (kern.num_regs * threads), 16)
@@ -176,11 +202,10 @@ class FusedAttention:
         if rowinfo_dev is None:
             rowinfo_dev = cp.asarray(np.ascontiguousarray(rowinfo, dtype=np.int32))
         ri = check("rowinfo", rowinfo_dev, np.int32, (B, 6))
-        sink_k, sink_v = sinks if sinks is not None else (self._null_h, self._null_h)
-        win_k, win_v = window if window is not None else (self._null_h, self._null_h)
+        sink_k, sink_v = sinks if sinks is not None else (self._nulls.h, self._nulls.h)
+        win_k, win_v = window if window is not None else (self._nulls.h, self._nulls.h)
         for name, a in (("sink k", sink_k), ("sink v", sink_v), ("window k", win_k), ("window v", win_v)):
             check(name, a, np.float16)
-        nb, nh, nf = self._null_b, self._null_h, self._null_f
         o_part = cp.empty((n_split, B, H, T, D), np.float32)
         ml_part = cp.empty((n_split, B, H, T, 2), np.float32)
         out = cp.empty((B, T, H, D), np.float16)
@@ -197,13 +222,7 @@ class FusedAttention:
              sink_k, sink_v, i32(sink_k.shape[2] if sinks is not None else 0),
              win_k, win_v, i32(win_k.shape[2] if window is not None else 0),
              sk, sv, np.int64(sk.strides[0] // e), np.int64(sk.strides[1] // e), np.int64(sk.strides[2] // e),
-             s.kc if s.kc is not None else nb, s.ks if s.ks is not None else nh, s.km if s.km is not None else nh,
-             s.vc if s.vc is not None else nb, s.vs if s.vs is not None else nh, s.vm if s.vm is not None else nh,
-             i32(s.n_chunks_cap), i32(s.G), i32(s.bs),
-             s.levels_k if s.levels_k is not None else nf, s.levels_v if s.levels_v is not None else nf,
-             s.kidx if s.kidx is not None else nb, s.vidx if s.vidx is not None else nb,
-             s.vmask if s.vmask is not None else nb, s.kpat if s.kpat is not None else nh,
-             s.vpat if s.vpat is not None else nh, i32(s.mmax), i32(mp), o_part, ml_part, *extra),
+             *s.args(self._nulls), i32(mp), o_part, ml_part, *extra),
             shared_mem=smem)
         if rows == 0:
             return out.transpose(0, 2, 1, 3)

@@ -1,10 +1,15 @@
 """KIVI quantizers as CUDA kernels (kernels_cu/kivi.cu; kivi_fit.cu for sc=8 and fit=mse), bit for
 bit minikv.kv.kivi's NumPy oracles: same signatures, shapes and dtypes; the codes, parameters,
-packed bytes and x_hat all come from the kernels."""
+packed bytes and x_hat all come from the kernels. Also the method's storage as the fused
+attention reads it (UniformStorage)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from .attention import KernelMethod, KernelStorage
 from .module import EXACT, check, i32, kernel
 
 BITS = (2, 3, 4, 8, 16)
@@ -254,3 +259,39 @@ def quantize_v_tokens(xp, x, bits: int, group: int, sc: int = 16, fit: str = "mi
                                sc, fit)
     g = D // group
     return codes.reshape(*lead, T, D * bits // 8), scale.reshape(*lead, T, g), mn.reshape(*lead, T, g), x_hat.reshape(x.shape)
+
+
+# -- what the fused attention reads ------------------------------------------------------------
+KIVI = KernelMethod("kivi", 1, (2, 4, 8))  # tiles.cuh's Method::KIVI
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformStorage(KernelStorage):
+    """One layer of minikv.kv.kivi's chunks (sc=16) as the fused kernels read them:
+    kc (B, H, NC, G, D*kb/8) uint8, ks, km (B, H, NC, D) fp16; vc (B, H, NC*G, D*vb/8) uint8,
+    vs, vm (B, H, NC*G, D/gs) fp16."""
+    kernel: ClassVar[KernelMethod] = KIVI
+    kbits: int
+    vbits: int
+    kc: object
+    ks: object
+    km: object
+    vc: object
+    vs: object
+    vm: object
+    n_chunks_cap: int
+    G: int
+
+    def __post_init__(self):
+        B, H, NC, G, kw = check("kivi storage kc", self.kc, np.uint8).shape
+        D = kw * 8 // self.kbits
+        for name in ("ks", "km"):
+            check(f"kivi storage {name}", getattr(self, name), np.float16, (B, H, NC, D))
+        check("kivi storage vc", self.vc, np.uint8, (B, H, NC * G, D * self.vbits // 8))
+        gs = check("kivi storage vs", self.vs, np.float16, (B, H, NC * G, None)).shape[3]
+        check("kivi storage vm", self.vm, np.float16, (B, H, NC * G, gs))
+        if (NC, G) != (self.n_chunks_cap, self.G):
+            raise ValueError(f"kivi storage: {NC} chunks of {G} tokens, said {self.n_chunks_cap} of {self.G}")
+
+    def codes(self, null):
+        return (self.kc, self.ks, self.km, self.vc, self.vs, self.vm, i32(self.n_chunks_cap), i32(self.G), i32(64))

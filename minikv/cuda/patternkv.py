@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from ..kv.patterns import Z95
 from ..kv import patterns
-from .kivi import CTYPE, check_bits, check_v_storage, device_rows, launch_k_chunks, row_launch, token_rows
+from .attention import KernelMethod
+from .kivi import (CTYPE, UniformStorage, check_bits, check_v_storage, device_rows, launch_k_chunks, row_launch,
+                   token_rows)
 from .module import EXACT, check, f32, i32, kernel
 
 _MOD = "patternkv"
@@ -294,3 +298,42 @@ def pack_v_residuals(xp, x, pat, idx, T: int, bits: int, group: int, hat: bool =
     use = cp.empty((nb, H, T), dtype=bool)
     x_hat = _store_v(x, T, bits, group, out, pat, idx, np.arange(nb), 0, hat, use)
     return (*out, use, x_hat)
+
+
+# -- what the fused attention reads ------------------------------------------------------------
+class _Patterns(KernelMethod):
+    def groups(self, kb, vb):
+        return 4 if kb + vb <= 4 else 2  # its pattern lookups spill registers sooner than kivi's
+
+
+PATTERNKV = _Patterns("patternkv", 4, (2, 4), patterns=True)  # tiles.cuh's Method::PATTERN
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatternStorage(UniformStorage):
+    """kivi's arrays holding residuals, plus kidx, vidx (B, H, T) uint8 pattern indices, vmask
+    (B, H, T/8) uint8 (bit t%8 of byte t//8: V stored as a residual), kpat, vpat (B, H, mmax, D)
+    fp16 patterns."""
+    kernel: ClassVar[KernelMethod] = PATTERNKV
+    kidx: object
+    vidx: object
+    vmask: object
+    kpat: object
+    vpat: object
+    mmax: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        B, H, T = self.kc.shape[0], self.kc.shape[1], self.n_chunks_cap * self.G
+        D = self.ks.shape[3]
+        for name in ("kidx", "vidx"):
+            check(f"patternkv storage {name}", getattr(self, name), np.uint8, (B, H, T))
+        check("patternkv storage vmask", self.vmask, np.uint8, (B, H, T // 8))
+        for name in ("kpat", "vpat"):
+            check(f"patternkv storage {name}", getattr(self, name), np.float16, (B, H, self.mmax, D))
+
+    def extras(self, null):
+        return (null.f, null.f, self.kidx, self.vidx, self.vmask, self.kpat, self.vpat, i32(self.mmax))
+
+    def pattern_table(self, rowinfo):
+        return -(-int(np.max(rowinfo[:, 5])) // 64) * 64  # as many as the fullest sequence holds

@@ -240,7 +240,8 @@ class ChunkedQuantCache(KVCache):
         return 0
 
     def kernel_storage(self, layer: int):
-        """The packed chunks of `layer` as the fused kernel reads them (a cuda.attention.Storage)."""
+        """The packed chunks of `layer` as the fused kernel reads them (a cuda.attention.KernelStorage,
+        from the method's own cuda module)."""
         raise NotImplementedError
 
     def commit(self, layer: int) -> None:

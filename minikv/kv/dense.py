@@ -40,10 +40,10 @@ class DenseCache(KVCache):
 
     def attend(self, layer, q):
         if self.fused is not None:
-            from ..cuda.attention import Storage
+            from ..cuda.attention import KernelStorage
 
             kv = (self.k[layer], self.v[layer])
-            return self.fused(q, self.rowinfo_host[layer], self.geom.scale, None, kv, kv, Storage("fp16"),
+            return self.fused(q, self.rowinfo_host[layer], self.geom.scale, None, kv, kv, KernelStorage(),
                               self.tiles, self.rowinfo_dev[layer])
         S = int((self.lengths + self.n_new).max())
         limit = causal_limits(self.lengths, self.n_new, q.shape[2])

@@ -123,10 +123,14 @@ class KiviCache(ChunkedQuantCache):
         return k_hat, v_hat
 
     def kernel_storage(self, layer):
-        from ..cuda.attention import Storage
+        from ..cuda.kivi import UniformStorage
 
-        return Storage(self.method, self.s["kbits"], self.s["vbits"], self.kc[layer], self.ks[layer], self.km[layer],
-                       self.vc[layer], self.vs[layer], self.vm[layer], self.n_chunks_max, self.G)
+        return UniformStorage(**self._uniform_arrays(layer))
+
+    def _uniform_arrays(self, layer) -> dict:
+        return dict(kbits=self.s["kbits"], vbits=self.s["vbits"], kc=self.kc[layer], ks=self.ks[layer],
+                    km=self.km[layer], vc=self.vc[layer], vs=self.vs[layer], vm=self.vm[layer],
+                    n_chunks_cap=self.n_chunks_max, G=self.G)
 
     def dequantize(self, layer):
         """K^, V^ (B, Hkv, NC*G, D) float32 rebuilt from the packed storage alone."""

@@ -93,11 +93,11 @@ class NqkvCache(ChunkedQuantCache):
         return k_hat, v_hat
 
     def kernel_storage(self, layer):
-        from ..cuda.attention import Storage
+        from ..cuda.nqkv import NormalStorage
 
-        return Storage("nqkv_channel" if self.channel else "nqkv_token", self.s["kbits"], self.s["vbits"],
-                       self.kc[layer], self.ka[layer], None, self.vc[layer], self.va[layer], None,
-                       self.n_chunks_max, self.G, self.s["bs"], *self._levels)
+        return NormalStorage(kbits=self.s["kbits"], vbits=self.s["vbits"], kc=self.kc[layer], ka=self.ka[layer],
+                             vc=self.vc[layer], va=self.va[layer], n_chunks_cap=self.n_chunks_max, G=self.G,
+                             bs=self.s["bs"], levels_k=self._levels[0], levels_v=self._levels[1], channel=self.channel)
 
     def dequantize(self, layer):
         """K^, V^ (B, Hkv, NC*G, D) float32 rebuilt from the packed storage alone."""

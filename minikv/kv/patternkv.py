@@ -118,10 +118,10 @@ class PatternKVCache(KiviCache):
         return self.count
 
     def kernel_storage(self, layer):
-        st = super().kernel_storage(layer)
-        st.kidx, st.vidx, st.vmask = self.kidx[layer], self.vidx[layer], self.vmask[layer]
-        st.kpat, st.vpat, st.mmax = self.kpat[layer], self.vpat[layer], self.s["mmax"]
-        return st
+        from ..cuda.patternkv import PatternStorage
+
+        return PatternStorage(**self._uniform_arrays(layer), kidx=self.kidx[layer], vidx=self.vidx[layer],
+                              vmask=self.vmask[layer], kpat=self.kpat[layer], vpat=self.vpat[layer], mmax=self.s["mmax"])
 
     def dequantize(self, layer):
         """K^, V^ (B, Hkv, NC*G, D) float32 rebuilt from the packed storage alone:

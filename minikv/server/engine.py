@@ -202,18 +202,23 @@ class Engine:
 
     def _sampled(self, rows: list[int], logits, b0: int = 0) -> None:
         """Draw the next token of each slot in rows from logits[b - b0] and hand it to its job.
-        Greedy slots without penalties take one argmax over their rows and one transfer, the
-        others their own sampler's draw (a transfer each)."""
+        Greedy slots without penalties take one argmax over their rows, the others their own
+        sampler's draw; the ids then cross to the host in one transfer."""
         xp = self.model.xp
         plain = [b for b in rows if self.slots[b].sampler.p.greedy and not self.slots[b].sampler.p.penalized]
-        drawn = {}
+        others = [b for b in rows if b not in plain]
+        ids = []
         if plain:
             lg = logits[xp.asarray([b - b0 for b in plain])]  # (n, V)
-            ids = xp.where(xp.isfinite(lg.max(axis=-1)), lg.argmax(axis=-1), -1)  # -1: not finite, as Sampler
-            drawn = dict(zip(plain, self.model.backend.to_host(ids).tolist()))
-        for b in rows:
-            s = self.slots[b]
-            self._accept(b, drawn[b] if b in drawn else int(s.sampler(logits[b - b0], s.history)))
+            ids.append(xp.where(xp.isfinite(lg.max(axis=-1)), lg.argmax(axis=-1), -1))  # -1: not finite, as Sampler
+        if others:  # each a device scalar: no transfer until all are drawn
+            ids.append(xp.stack([xp.asarray(self.slots[b].sampler(logits[b - b0], self.slots[b].history), np.int64)
+                                 for b in others]))
+        if not ids:
+            return
+        drawn = self.model.backend.to_host(xp.concatenate(ids) if len(ids) > 1 else ids[0]).tolist()
+        for b, token in zip(plain + others, drawn):
+            self._accept(b, token)
 
     def _accept(self, b: int, token: int) -> None:
         """Slot b drew `token`: stream it, or end the job."""
