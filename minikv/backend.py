@@ -71,7 +71,7 @@ class Readback:
         self.gpu, self.turn = backend.is_gpu, 0
         self.host = [backend.host_buffer(self.NBYTES, np.uint8) for _ in range(slots)]
         if self.gpu:
-            cp = backend.xp
+            self.cp = cp = backend.xp
             self.events = [cp.cuda.Event(block=False, disable_timing=True) for _ in range(slots)]
         self.held: list = [None] * slots  # the host array each slot hands out
 
@@ -86,7 +86,8 @@ class Readback:
         if not a.flags.c_contiguous:
             raise ValueError("readback: a contiguous array is needed")
         out = self.host[t][:a.nbytes].view(a.dtype).reshape(a.shape)  # pinned: the copy is asynchronous
-        a.data.copy_to_host_async(out.ctypes.data, a.nbytes)  # on the current stream
+        rt = self.cp.cuda.runtime  # on the current stream, behind the work that wrote `a`
+        rt.memcpyAsync(out.ctypes.data, a.data.ptr, a.nbytes, rt.memcpyDeviceToHost, self.cp.cuda.get_current_stream().ptr)
         self.events[t].record()
         self.held[t] = out
         return t
