@@ -14,6 +14,8 @@ from .cpu_threads import BlasThreads
 
 
 class ArrayOps:
+    graph_rows = 0  # the most rows of a decode step a CUDA graph can capture (none here)
+
     def __init__(self, xp):
         self.xp = xp
 

@@ -9,13 +9,12 @@ import numpy as np
 class Stepper:
     def __init__(self, model, cache, ubatch: int, graphs: bool = True):
         """graphs: replay captured decode steps on the GPU (False: every step eager, --no-graph)."""
-        from .cuda.ops import GEMV_ROWS
-
         self.model, self.cache, self.ubatch = model, cache, ubatch
         be, B = model.backend, cache.batch
-        # A captured step may not call cuBLAS: its matmuls must fit gemv.cu (at most GEMV_ROWS rows).
+        # A captured step's matmuls must be capturable: gemv.cu's (up to 8 rows), or cuda/gemm.py's
+        # cuBLAS calls (up to 64) where the device lets a graph capture them.
         self.graphs = None
-        if graphs and be.is_gpu and cache.fused is not None and B <= GEMV_ROWS:
+        if graphs and be.is_gpu and cache.fused is not None and B <= be.ops.graph_rows:
             from .cuda.graphs import GraphCache
 
             self.graphs = GraphCache(be.xp)

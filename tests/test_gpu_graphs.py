@@ -76,6 +76,18 @@ def test_graph_steps_with_idle_rows(model, spec):
     np.testing.assert_array_equal(graph, eager)
 
 
+@pytest.mark.parametrize("spec", ["fp16", "kivi:2,g=64,r=64"])
+def test_graph_steps_of_a_server_batch(model, spec):
+    """16 rows: the step's matmuls go to cuBLAS (cuda/gemm.py) and the step is still replayed,
+    its logits those of the eager steps."""
+    assert model.backend.ops.graph_rows == 64, "cuBLAS could not be captured on this device (cuda/gemm.probe)"
+    lengths = tuple(900 + 7 * i for i in range(16))
+    eager, _ = decode(model, spec, graphs=False, lengths=lengths, steps=150)
+    graph, st = decode(model, spec, graphs=True, lengths=lengths, steps=150)
+    assert st.graphs.replays >= 100
+    np.testing.assert_array_equal(graph, eager)
+
+
 def test_graph_steps_qwen3_norms_and_head_dim_128():
     """Qwen3's q/k norms (array ops in the captured step) and head_dim 128 kernels."""
     model = synthetic_model(tiny(qwen3=True, D=128), get_backend("cuda"))

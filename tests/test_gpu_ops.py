@@ -110,8 +110,8 @@ def test_gemv_against_float64(ops, M, K, N, bias):
 
 
 def test_linear_takes_gemv_for_decode_rows_and_cublas_beyond(ops):
-    """CudaOps.linear runs gemv for up to GEMV_ROWS rows (any leading shape) and cuBLAS otherwise;
-    both agree with ArrayOps.linear within fp16 rounding."""
+    """CudaOps.linear runs gemv for up to GEMV_ROWS rows (any leading shape) and cuBLAS otherwise
+    (up to 64 rows through cuda/gemm.py); all agree with ArrayOps.linear within fp16 rounding."""
     cp, cu, ref = ops
     from minikv.cuda.ops import GEMV_ROWS
 
@@ -154,3 +154,18 @@ def test_hadamard_equals_its_oracle_bit_for_bit(ops, D, back):
     got, want = cu.hadamard(x, signs, back), ref.hadamard(x, signs, back)
     assert got.shape == want.shape == x.shape and cp.array_equal(got, want)
     assert got.transpose(0, 2, 1, 3).flags.c_contiguous  # the (B, T, H, D) layout the model reshapes for free
+
+
+@pytest.mark.parametrize("M", [9, 32, 64])
+def test_capturable_gemm_is_a_matmul(M):
+    """cuda/gemm.py's cuBLAS call (a server batch's decode matmuls) against CuPy's matmul."""
+    import cupy as cp
+
+    from minikv.cuda.gemm import Gemm
+
+    rng = np.random.default_rng(M)
+    x = cp.asarray(rng.standard_normal((M, 576)).astype(np.float16))
+    w = cp.asarray((rng.standard_normal((1536, 576)) * 0.05).astype(np.float16))
+    got = Gemm(cp)(x, w)
+    want = (x.astype(np.float32) @ w.astype(np.float32).T)
+    np.testing.assert_allclose(got.get().astype(np.float32), want.get(), rtol=1e-2, atol=1e-2)

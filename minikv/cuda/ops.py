@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ops import ArrayOps
+from .gemm import CAPTURE_ROWS, probe as probe_gemm
 from .module import check, f32, i32, kernel
 
 _THREADS = 256
@@ -29,14 +30,19 @@ class CudaOps(ArrayOps):
         self._k = {n: kernel("ops", n) for n in ("rms_norm", "add_rms_norm", "rope_qkv", "swiglu", "embed", "gather_rows", "kv_append",
                                                   "hadamard_f16")}
         self._gemv: dict = {}  # rows -> gemv<rows>, compiled on first use
+        self.gemm = probe_gemm(cp)  # 9-64 rows through cuBLAS as a graph can capture it, or None
+        self.graph_rows = CAPTURE_ROWS if self.gemm is not None else GEMV_ROWS
 
     def linear(self, x, w, b=None):
         K = x.shape[-1]
         M = x.size // K if K else 0
-        if (not 1 <= M <= GEMV_ROWS or K % 8 or x.dtype != np.float16 or w.dtype != np.float16
+        if (not 1 <= M <= self.graph_rows or K % 8 or x.dtype != np.float16 or w.dtype != np.float16
                 or not x.flags.c_contiguous or not w.flags.c_contiguous or x.data.ptr % 16 or w.data.ptr % 16
                 or (b is not None and (b.dtype != np.float16 or not b.flags.c_contiguous))):
             return super().linear(x, w, b)
+        if M > GEMV_ROWS:  # a server's batch: cuBLAS, as a captured step can run it
+            y = self.gemm(x.reshape(M, K), w)
+            return (y if b is None else y + b).reshape(*x.shape[:-1], w.shape[0])
         return self.gemv(x.reshape(M, K), w, b).reshape(*x.shape[:-1], w.shape[0])
 
     def gemv(self, x, w, b=None):
