@@ -135,3 +135,21 @@ def test_storage_is_checked_when_built(fused):
         UniformStorage(**{**a, "vc": dev((1, 8, 256, 64), np.uint8)})  # 4-bit rows for 2-bit codes
     with pytest.raises(ValueError, match="said 8 of 64"):
         UniformStorage(**{**a, "n_chunks_cap": 8})
+
+
+@pytest.mark.parametrize("spec", ["kivi:2,g=64", "patternkv:2,g=64", "nqkv:2,g=64"])
+def test_a_cache_builds_its_kernel_storage_once_and_a_row_view_its_own(fused, monkeypatch, spec):
+    """The per-layer storages a GPU cache hands the kernel are built with it over its own arrays,
+    and a row view's over the view's rows (not the parent's)."""
+    from minikv.backend import Backend
+    from minikv.kv import KVGeometry, make_cache
+
+    monkeypatch.setitem(sys.modules, "cupyx", SimpleNamespace(zeros_pinned=np.zeros))
+    be = Backend("cuda", sys.modules["cupy"], np.dtype(np.float16))
+    cache = make_cache(spec, KVGeometry(2, 8, 4, 128, 0.1), 4, 256, be)
+    st = cache.kernel_storages
+    assert len(st) == 2 and all(s.kc is cache.kc[layer] for layer, s in enumerate(st))
+    with cache.row_range(1, 3) as view:
+        for layer, s in enumerate(view.kernel_storages):
+            assert s.kc.shape[0] == 2 and s.kc.ctypes.data == cache.kc[layer][1].ctypes.data
+            assert s.kc is view.kc[layer]

@@ -112,6 +112,19 @@ class ChunkedQuantCache(KVCache):
         self.rot_k, self.rot_v = self.s["rot"] in ("kv", "k"), self.s["rot"] in ("kv", "v")
         self._clear_step()
         self.allocate()
+        self.kernel_storages = self._kernel_storages()
+
+    def _kernel_storages(self) -> list | None:
+        """Each layer's storage as the fused kernel reads it, built (and checked) once: the arrays
+        never move, and an eager step would otherwise rebuild them per layer."""
+        if self.fused is None or self.plan_only:
+            return None
+        return [self.kernel_storage(layer) for layer in range(self.geom.n_layers)]
+
+    def _make_view(self, b0, b1):
+        view = super()._make_view(b0, b1)
+        view.kernel_storages = view._kernel_storages()  # over the view's rows
+        return view
 
     ROW_STATE = KVCache.ROW_STATE + (("n_chunks", 0),)
 
@@ -233,7 +246,7 @@ class ChunkedQuantCache(KVCache):
     def _attend_fused(self, layer, q):
         sinks = (self.sink_k[layer], self.sink_v[layer]) if self.S else None
         return self.fused(q, self.rowinfo_host[layer], self.geom.scale, sinks, (self.win_k[layer], self.win_v[layer]),
-                          self._step[layer], self.kernel_storage(layer), self.tiles, self.rowinfo_dev[layer])
+                          self._step[layer], self.kernel_storages[layer], self.tiles, self.rowinfo_dev[layer])
 
     def pattern_counts(self) -> np.ndarray | int:
         """(L, B) patterns each sequence holds per layer (methods without patterns: 0)."""
