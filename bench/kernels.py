@@ -23,7 +23,7 @@ from common import cold_layers, cuda_backend, filled_cache, graph_time, llama8b_
 
 
 def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None, keys_per_pattern=None,
-                  min_keys=None):
+                  min_keys=None, trial=False):
     """(step seconds, kernel seconds, bytes) of one decode step's attention over ctx tokens (the
     kernel timed with its bytes read from memory, see cold_layers)."""
     cp = backend.xp
@@ -31,7 +31,7 @@ def attention_row(spec, B, ctx, backend, groups=None, warps=None, patterns=None,
     cp.get_default_memory_pool().free_all_blocks()
     cache = filled_cache(spec, B, ctx, backend, patterns, layers)
     if cache.fused is not None:
-        cache.fused.groups, cache.fused.warps = groups, warps
+        cache.fused.groups, cache.fused.warps, cache.fused.trial = groups, warps, trial
         if keys_per_pattern is not None:
             cache.fused.keys_per_pattern = keys_per_pattern
         if min_keys is not None:
@@ -133,6 +133,8 @@ def main():
                     help="patternkv's pattern count (default: m + one per chunk, up to mmax, as in use)")
     ap.add_argument("--keys-per-pattern", type=int, default=None,
                     help="fewest keys per block per table pattern when splitting patternkv (default: the runtime's)")
+    ap.add_argument("--trial", action="store_true",
+                    help="let decode.cu take the code widths it has on trial (3-bit: FusedAttention.trial)")
     ap.add_argument("--min-keys", type=int, default=None,
                     help="fewest keys per block when splitting a sequence (default: the runtime's)")
     args = ap.parse_args()
@@ -147,7 +149,7 @@ def main():
             base = None
             for spec in args.kv:
                 t_step, t, nbytes = attention_row(spec, B, ctx, be, args.groups, args.warps, args.patterns,
-                                                       args.keys_per_pattern, args.min_keys)
+                                                       args.keys_per_pattern, args.min_keys, args.trial)
                 gbs = nbytes / t / 1e9
                 base = t if spec == "fp16" else base
                 speed = f"{base / t:.2f}" if base else "-"

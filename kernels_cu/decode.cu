@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
         prefetch_rows_l2<D>(step_k + step_off, s_st, st_a, st_z), prefetch_rows_l2<D>(step_v + step_off, s_st, st_a, st_z);
     }
     using Step = QStep<D, KB, VB, PAT, NG>;
+    constexpr int KL = Step::KL, VL = Step::VL;  // code bits as held in registers (3-bit codes as 4)
     // the warp's first step, whose loads wait for the prologue (patternkv: no gain measured; its K
     // pattern rows are read from L2 then)
     if constexpr (METHOD == KIVI) if (qa < qz) Step::prefetch_l2(row0 + qa, kc, vc, vs, vm);
@@ -137,9 +138,9 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
             return __half2float(qn[((r * 4 + ch / (D / 4)) * QW<D> + (ch % (D / 4)) / 2) * 2 + (ch & 1)]);
         };
         for (int i = tid; i < NR * D / 2; i += NT) {  // pair hp of lane (r, c)
-            const int r = i / (D / 2), c = (i / (D / 8)) % 4, hp = i % (D / 8), lo_ = k_pair_lo<D, KB>(c, hp);
-            const float f = sl2 / (float)(1 << code_shift<KB>(hp % (16 / KB)));
-            Qh[(i / (D / 8)) * QW<D> + hp] = h2u(__floats2half2_rn(q_at(r, lo_) * f, q_at(r, lo_ + 16 / KB) * f));
+            const int r = i / (D / 2), c = (i / (D / 8)) % 4, hp = i % (D / 8), lo_ = k_pair_lo<D, KL>(c, hp);
+            const float f = sl2 / (float)(1 << code_shift<KL>(hp % (16 / KL)));
+            Qh[(i / (D / 8)) * QW<D> + hp] = h2u(__floats2half2_rn(q_at(r, lo_) * f, q_at(r, lo_ + 16 / KL) * f));
         }
     }
     if constexpr (PAT) {  // q . C_K for every K pattern (log2-scaled)
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
             if (fetched) cp_async_wait<1>();  // the next chunk's fetch may still be in flight
             else cp_async_wait<0>();
             __syncwarp();
-            const float2 qm = chunk_operands<D, KB>(bk, sc + (warp * 2 + (ci_ & 1)) * 2 * D, Qh + lane * QW<D>,
+            const float2 qm = chunk_operands<D, KL>(bk, sc + (warp * 2 + (ci_ & 1)) * 2 * D, Qh + lane * QW<D>,
                                                     Qn + lane * QW<D>, sl2);
             __syncwarp();  // the buffer is refilled two chunks later
             qm0 = qm.x, qm1 = qm.y;
@@ -206,8 +207,8 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
 #pragma unroll
             for (int gi = 0; gi < NG; ++gi) {
                 uint32_t k0[D / 8], k1[D / 8];
-                code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][0].w, k0);
-                code_pairs<KB, (D * KB / 32 + 3) / 4>(cur.k[gi][1].w, k1);
+                code_pairs<KL, (D * KL / 32 + 3) / 4>(cur.k[gi][0].w, k0);
+                code_pairs<KL, (D * KL / 32 + 3) / 4>(cur.k[gi][1].w, k1);
                 s[gi][0] = s[gi][1] = s[gi][2] = s[gi][3] = 0.0f;  // patternkv: q . C_K[a] of the keys
                 if constexpr (PAT) {
                     const float2 c0 = *reinterpret_cast<const float2*>(qc + Step::byte(cur.kx, 2 * gi) * NR + r0);
@@ -231,7 +232,7 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
                 acc.pm[1] += p[1] * mv.x + p[3] * mv.y;
                 const float pv[4] = {p[0] * sv.x, p[1] * sv.x, p[2] * sv.y, p[3] * sv.y};
                 uint32_t va[NK][4];
-                v_fragments<D, VB, D * VB / 128>(va, cur.v[gi][0].w, cur.v[gi][2].w, cur.v[gi][1].w,
+                v_fragments<D, VL, D * VL / 128>(va, cur.v[gi][0].w, cur.v[gi][2].w, cur.v[gi][1].w,
                                                  cur.v[gi][3].w);
                 acc.pv_codes(pv, va);
                 if constexpr (PAT) {  // H[a][row] += p for the keys whose V mask is set
@@ -263,13 +264,13 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
         };
         A.load(row0 + qa, qa, kc, vc, vs, vm, kidx, vidx, mask_row);  // (issued any earlier, the H100 ran the loop slower)
         fetch_scales(ci);
-        acc.template scale_codes<VB>(true);
+        acc.template scale_codes<VL>(true);
         for (int ct = qa; ct < qz; ct += 2 * STEP) {  // two named buffers: no register copies
             step(A, Bs, ct);
             if (ct + STEP < qz) step(Bs, A, ct + STEP);
         }
         acc.unbias();
-        acc.template scale_codes<VB>(false);
+        acc.template scale_codes<VL>(false);
     }
     if (wk_a < wk_z) dense(win_k + win_off, win_v + win_off, D, info.window, wk_a, wk_z, false);
     if (st_a < st_z) dense(step_k + step_off, step_v + step_off, s_st, step_seen, st_a, st_z, true);
@@ -358,6 +359,8 @@ __global__ void __launch_bounds__(DW * 32, 8 / DW) attend_decode(MINIKV_ATTEND_P
 #define DINST_D(M, KB, VB) DINST_G(M, KB, VB, 2) DINST_G(M, KB, VB, 4)
 DINST_D(DENSE, 16, 16)
 DINST_D(KIVI, 2, 2) DINST_D(KIVI, 4, 4) DINST_D(KIVI, 8, 8) DINST_G(KIVI, 8, 8, 1) DINST_D(KIVI, 2, 4) DINST_D(KIVI, 4, 2)
+DINST_D(KIVI, 3, 3) DINST_D(KIVI, 3, 2) DINST_D(KIVI, 2, 3) DINST_D(KIVI, 4, 3) DINST_D(KIVI, 3, 4) DINST_D(KIVI, 3, 8)
+DINST_D(KIVI, 8, 3)
 DINST_D(PATTERN, 2, 2) DINST_D(PATTERN, 4, 4) DINST_D(PATTERN, 2, 4)
 DINST_D(NQKV_TOKEN, 2, 2) DINST_D(NQKV_TOKEN, 4, 4) DINST_D(NQKV_TOKEN, 2, 4) DINST_D(NQKV_TOKEN, 4, 2)
 #endif

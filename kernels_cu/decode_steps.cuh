@@ -11,9 +11,51 @@ namespace minikv {
 // P.V agree): group q's mma row m is key 2 NG (m % 8) + 2q + m / 8, so lane (g, c) scores keys
 // [2 NG g, 2 NG (g + 1)) over the step (their V scales, mins and pattern indices: one vector load
 // each) and multiplies V rows [4 NG c, 4 NG (c + 1)).
+// 3-bit codes are stored 8 to 3 bytes (minikv.kv.packing) and held as 4-bit ones (a nibble each,
+// values 0-7) from their load on: everything after the load runs the 4-bit code path.
+__host__ __device__ constexpr int held_bits(int bits) { return bits == 3 ? 4 : bits; }
+
+// 8 3-bit codes (code i at bits 3i) -> 8 nibbles (code i at bits 4i)
+__device__ __forceinline__ uint32_t spread3(uint32_t g) {
+    uint32_t r = 0u;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) r |= ((g >> (3 * i)) & 7u) << (4 * i);
+    return r;
+}
+
+// A lane's run of codes as registers of N bytes: BITS != 3 a plain load, BITS == 3 the N * 3 / 4
+// bytes in memory (loaded as wide as their alignment allows: 4, 2 or 1 bytes) spread to nibbles.
+template <int BITS, int N>
+__device__ __forceinline__ void load_codes(Raw<N>& r, const uint8_t* p) {
+    if constexpr (BITS != 3) {
+        r.load(p);
+    } else {
+        constexpr int MB = 3 * N / 4;  // bytes in memory
+        uint32_t m[(MB + 3) / 4];
+#pragma unroll
+        for (int i = 0; i < (MB + 3) / 4; ++i) m[i] = 0u;
+        if constexpr (MB % 4 == 0) {
+#pragma unroll
+            for (int i = 0; i < MB / 4; ++i) m[i] = __ldcs(reinterpret_cast<const unsigned int*>(p) + i);
+        } else if constexpr (MB % 2 == 0) {
+#pragma unroll
+            for (int i = 0; i < MB / 2; ++i)
+                m[i / 2] |= (uint32_t)__ldcs(reinterpret_cast<const unsigned short*>(p) + i) << (16 * (i % 2));
+        } else {
+#pragma unroll
+            for (int i = 0; i < MB; ++i) m[i / 4] |= (uint32_t)__ldcs(p + i) << (8 * (i % 4));
+        }
+        const auto byte = [&](int i) { return (m[i / 4] >> (8 * (i % 4))) & 0xFFu; };
+#pragma unroll
+        for (int j = 0; j < N / 4; ++j) r.w[j] = spread3(byte(3 * j) | (byte(3 * j + 1) << 8) | (byte(3 * j + 2) << 16));
+    }
+}
+
 template <int D, int KB, int VB, bool PAT, int NG>
 struct QStep {
-    static constexpr int KBY = D * KB / 32, VBY = D * VB / 64;  // bytes per key: scores lane, P.V lane
+    static constexpr int KL = held_bits(KB), VL = held_bits(VB);  // bits per code in registers
+    static constexpr int KBY = D * KL / 32, VBY = D * VL / 64;  // register bytes per key: scores lane, P.V lane
+    static constexpr int KMB = D * KB / 32, VMB = D * VB / 64;  // the same in memory
     static constexpr int S = 2 * NG;                            // keys per lane and step (scores side)
     Raw<KBY> k[NG][2];  // group q: keys S g + 2q, +1; channels [c D/4, (c+1) D/4)
     Raw<VBY> v[NG][4];  // group q: keys 2 S c + 2q + {0, 1, S, S + 1}; channels [g D/8, (g+1) D/8)
@@ -29,11 +71,11 @@ struct QStep {
 #pragma unroll
         for (int q = 0; q < NG; ++q) {
             const long long t = tok + S * g + 2 * q;
-            k[q][0].load(kc + t * (D * KB / 8) + c * KBY);
-            k[q][1].load(kc + (t + 1) * (D * KB / 8) + c * KBY);
+            load_codes<KB>(k[q][0], kc + t * (D * KB / 8) + c * KMB);
+            load_codes<KB>(k[q][1], kc + (t + 1) * (D * KB / 8) + c * KMB);
 #pragma unroll
             for (int j = 0; j < 4; ++j)
-                v[q][j].load(vc + (tok + 2 * S * c + 2 * q + (j & 1) + (j >> 1) * S) * (D * VB / 8) + g * VBY);
+                load_codes<VB>(v[q][j], vc + (tok + 2 * S * c + 2 * q + (j & 1) + (j >> 1) * S) * (D * VB / 8) + g * VMB);
         }
         vs.load(vsp + tok + S * g);
         vm.load(vmp + tok + S * g);

@@ -89,6 +89,10 @@ class ArrayOps:
         t = t * np.float32(1.0 / np.sqrt(D))
         return (t * signs if back else t).astype(x.dtype)
 
+    def hadamard_pair(self, k, v, signs):
+        """(hadamard(k, signs), hadamard(v, signs)): a step's keys and values turned alike."""
+        return self.hadamard(k, signs), self.hadamard(v, signs)
+
     def kv_append(self, k, v, dst_k, dst_v, info, info_dev):
         """Row b's first info[b, 3] tokens of k, v (B, H, T, D) into dst_k, dst_v (B, H, cap, D)
         at token info[b, 2]; info (B, 6) host ints, info_dev the same on the device (the CUDA

@@ -15,7 +15,8 @@ SPECS = ["fp16", "kivi:2", "kivi:3,vbits=4", "kivi:4,sink=3", "kivi:8", "nqkv:2"
          "patternkv:2", "patternkv:3,sink=5,r=192", "patternkv:2,mmax=33,g=64,r=64", "patternkv:4,vbits=2,sink=2"]
 # what decode.cu takes (steps of <= 8 query rows per kv head); the rest run attention.cu
 DECODE_SPECS = ["fp16", "kivi:2", "kivi:4,sink=3", "kivi:8", "patternkv:2", "patternkv:2,mmax=33,g=64,r=64",
-                "patternkv:4,vbits=2,sink=2", "nqkv:2", "nqkv:4", "nqkv:4,vbits=2,bs=32,sink=3"]
+                "patternkv:4,vbits=2,sink=2", "nqkv:2", "nqkv:4", "nqkv:4,vbits=2,bs=32,sink=3",
+                "kivi:3", "kivi:2,kbits=3", "kivi:4,vbits=3,sink=3", "kivi:2,vbits=3"]  # 3-bit: decode.cu's trial
 
 
 def structured(rng, B, Hkv, T, D):
@@ -118,7 +119,7 @@ def test_decode_steps_both_kernels(spec, D, H, Hkv, step, decode, warps):
     from minikv.cuda.attention import FusedAttention
 
     cache, q, k, v = build(spec, 2, H, Hkv, D, [1500, 611], step, seed=D + step, growth=4.0)
-    cache.fused = FusedAttention(get_backend("cuda").xp, D, decode=decode, warps=warps)
+    cache.fused = FusedAttention(get_backend("cuda").xp, D, decode=decode, warps=warps, trial=True)
     got = getattr(cache, "_attend", cache.attend)(0, q).get().astype(np.float64)
     assert {key[3] == 0 for key in cache.fused._kernels} == {decode}  # decode.cu ran (rows 0), or only attention.cu
     want = exact(cache, q, k, v)

@@ -90,6 +90,15 @@ def test_three_bit_codes_and_prefill_rows_go_to_the_shared_memory_kernel(fused):
     assert run(fused, UniformStorage(**kivi_arrays()), T=16)[0] == "attend<128, 1, 2, 2, 64>"
 
 
+def test_three_bit_codes_decode_in_decode_cu_on_trial_only(fused):
+    """3-bit codes (held as 4 in registers) go to decode.cu only when the trial is asked for."""
+    from minikv.cuda.kivi import UniformStorage
+
+    fused[0].trial = True
+    assert run(fused, UniformStorage(**kivi_arrays(kb=3)))[0] == "attend_decode<128, 1, 3, 2, 4, 8>"
+    assert run(fused, UniformStorage(**kivi_arrays(kb=4, vb=3)))[0] == "attend_decode<128, 1, 4, 3, 2, 8>"
+
+
 def test_a_step_without_chunks_reads_fp16_only(fused):
     from minikv.cuda.kivi import UniformStorage
 

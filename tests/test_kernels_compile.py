@@ -64,8 +64,9 @@ def test_decode_variants_do_not_spill(tmp_path):
     assert set(KERNEL_METHODS) == {"fp16", "kivi", "nqkv_token", "nqkv_channel", "patternkv"}
     lines, names = ['#include "decode.cu"'], []
     for method in KERNEL_METHODS.values():
-        for kb in method.decode_bits:
-            for vb in method.decode_bits:
+        bits = method.decode_bits + method.trial_bits
+        for kb in bits:
+            for vb in bits:
                 ng = method.groups(kb, vb)
                 for D in (64, 128):
                     for warps in DECODE_WARPS:

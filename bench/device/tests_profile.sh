@@ -20,6 +20,8 @@ tail -25 "$OUT/gpu_tests.log"
   echo "== attention kernel: presets against kivi at the same bits (Llama-3.1-8B attention shape)"
   timeout 90 python3 bench/kernels.py --ctx 8192 32768 --batch 1 --prefill \
     --kv kivi:2 kivi:2,g=64 q2 kivi:3 q3 kivi:4 q4
+  echo "== the same, 3-bit codes in decode.cu (--trial)"
+  timeout 60 python3 bench/kernels.py --ctx 8192 32768 --batch 1 --prefill --trial --kv kivi:3 q3 q4
 } 2>&1 | tee "$OUT/step_profile.txt"
 waitbuild 60
 [ -x /tmp/llb/bin/llama-bench ] && bash bench/device/side_smol.sh

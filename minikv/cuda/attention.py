@@ -27,19 +27,22 @@ class KernelMethod:
     ident: int
     decode_bits: tuple[int, ...] = ()
     patterns: bool = False  # per-block q.C tables, sized by the fullest sequence's pattern count
+    trial_bits: tuple[int, ...] = ()  # decode.cu takes these too, but only when asked (not yet run on a GPU)
 
     def __post_init__(self):
         KERNEL_METHODS[self.name] = self
 
     def groups(self, kb: int, vb: int) -> int:
         """16-key groups each warp of decode.cu loads a step ahead: 4, unless its registers then
-        spill (ptxas, head_dim 128: 4 + 4 bits or more), which get 2, and 8 + 8 bits 1.
-        tests/test_kernels_compile.py checks that no variant picked spills, with either block size."""
-        return 4 if kb + vb <= 6 else 2 if kb + vb < 16 else 1
+        spill (ptxas, head_dim 128: 4 + 4 bits or more, 3-bit codes held as 4), which get 2, and
+        8 + 8 bits 1. tests/test_kernels_compile.py checks that no variant picked spills."""
+        held = lambda b: 4 if b == 3 else b  # noqa: E731  (decode_steps.cuh's held_bits)
+        return 4 if held(kb) + held(vb) <= 6 else 2 if kb + vb < 16 else 1
 
-    def decodes(self, st: "KernelStorage", D: int) -> bool:
-        """Whether decode.cu reads this storage (else attention.cu does)."""
-        return st.kbits in self.decode_bits and st.vbits in self.decode_bits
+    def decodes(self, st: "KernelStorage", D: int, trial: bool = False) -> bool:
+        """Whether decode.cu reads this storage (else attention.cu does); trial: with trial_bits."""
+        bits = self.decode_bits + (self.trial_bits if trial else ())
+        return st.kbits in bits and st.vbits in bits
 
     def lookup_tables(self, st: "KernelStorage") -> int:
         """Code-level tables decode.cu keeps in shared memory (nqkv's), 0 to 2."""
@@ -124,7 +127,8 @@ class FusedAttention:
     MIN_KEYS = 0
 
     def __init__(self, cp, head_dim: int, decode: bool = True, groups: int | None = None,
-                 warps: int | None = None, keys_per_pattern: int | None = None, max_heads: int = 0):
+                 warps: int | None = None, keys_per_pattern: int | None = None, max_heads: int = 0,
+                 trial: bool = False):
         if head_dim not in (64, 128):
             raise ValueError(f"the fused attention kernel takes head_dim 64 or 128, not {head_dim}")
         self.cp, self.D = cp, head_dim
@@ -137,7 +141,7 @@ class FusedAttention:
         self._kernels: dict = {}
         if warps not in (None, *DECODE_WARPS):
             raise ValueError(f"the decode kernel takes {DECODE_WARPS} warps per block, not {warps}")
-        self.decode, self.groups, self.warps = decode, groups, warps
+        self.decode, self.groups, self.warps, self.trial = decode, groups, warps, trial
         self.keys_per_pattern = self.KEYS_PER_PATTERN if keys_per_pattern is None else keys_per_pattern
         self.min_keys = self.MIN_KEYS
         self._reduce = kernel("attention", "attend_reduce")
@@ -180,7 +184,7 @@ class FusedAttention:
             s = KernelStorage()  # no chunks (a prefill): every segment read is fp16, in the lean kernel
         method = s.kernel
         mp = s.pattern_table(rowinfo)
-        if self.decode and g * T <= DECODE_ROWS and method.decodes(s, D):
+        if self.decode and g * T <= DECODE_ROWS and method.decodes(s, D, self.trial):
             pat, nq = method.patterns, method.lookup_tables(s)
             warps = self.warps or next((w for w in DECODE_WARPS if decode_smem_bytes(D, pat, mp, w, nq) <= self.smem_max),
                                        DECODE_WARPS[-1])

@@ -262,7 +262,7 @@ def quantize_v_tokens(xp, x, bits: int, group: int, sc: int = 16, fit: str = "mi
 
 
 # -- what the fused attention reads ------------------------------------------------------------
-KIVI = KernelMethod("kivi", 1, (2, 4, 8))  # tiles.cuh's Method::KIVI
+KIVI = KernelMethod("kivi", 1, (2, 4, 8), trial_bits=(3,))  # tiles.cuh's Method::KIVI
 
 
 @dataclass(frozen=True, kw_only=True)

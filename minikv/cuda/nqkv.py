@@ -82,9 +82,9 @@ class _TokenBlocks(KernelMethod):
     def groups(self, kb, vb):
         return 2  # its lookups spill registers at 4 groups
 
-    def decodes(self, st, D):
+    def decodes(self, st, D, trial=False):
         # a lane's run of a key's channels (D/4 of K, D/8 of V) must lie in one absmax block
-        return super().decodes(st, D) and min(st.bs, D) % (D // 4) == 0
+        return super().decodes(st, D, trial) and min(st.bs, D) % (D // 4) == 0
 
     def lookup_tables(self, st):
         return 1 + (st.kbits != st.vbits)

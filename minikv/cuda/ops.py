@@ -155,6 +155,17 @@ class CudaOps(ArrayOps):
                                  f32(1.0 / np.sqrt(D)), i32(back), out))
         return out.transpose(0, 2, 1, 3)
 
+    def hadamard_pair(self, k, v, signs):
+        """One launch where k and v are adjacent heads of one buffer (the projection's k and v
+        heads, as the model passes them), else two."""
+        H = k.shape[1] if k.ndim == 4 else 0
+        if (k.ndim != 4 or v.shape != k.shape or v.strides != k.strides or k.dtype != v.dtype
+                or v.data.ptr != k.data.ptr + H * k.strides[1]):
+            return super().hadamard_pair(k, v, signs)
+        both = self.xp.ndarray((k.shape[0], 2 * H, *k.shape[2:]), k.dtype, k.data, k.strides)  # (B, 2H, T, D)
+        out = self.hadamard(both, signs)
+        return out[:, :H], out[:, H:]
+
     def contiguous(self, x):
         """gather_rows for a strided 4-D fp16 view with aligned contiguous rows (the k/v heads of
         the projection: CuPy's generic strided copy runs at about a fifth of the bandwidth)."""
