@@ -34,7 +34,7 @@ class KVSpec:
 # Named presets: the best spec found per bit budget (SmolLM2-135M over nine texts, bench/RESULTS.md
 # "Fitted grids"). A preset name is replaced by its spec, which is what every output then shows.
 PRESETS = {
-    "q2": "kivi:2,g=64,rot=kv,sink=16",  # fit=mse: better perplexity, but it lost passkeys (RESULTS)
+    "q2": "kivi:2,g=64,rot=kv,sink=16",  # fit=mse / fit=v: better perplexity, fewer passkeys (RESULTS)
     "q3": "kivi:2,kbits=3,g=64,rot=kv,sink=32,fit=v",
     "q4": "kivi:4,vbits=3,rot=kv,sink=16",
 }
