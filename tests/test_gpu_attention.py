@@ -69,6 +69,14 @@ def build(spec, B, H, Hkv, D, lengths, step, seed, growth=1.0):
     return cache, q, k, v
 
 
+def use_kernel(cache, fused):
+    """Hand a cache built for the reference attention a fused kernel (and, quantized, the storage
+    views the kernel reads, which such a cache did not build)."""
+    cache.fused = fused
+    if hasattr(cache, "_kernel_storages"):
+        cache.kernel_storages = cache._kernel_storages()
+
+
 def exact(cache, q, k, v):
     """float64 causal attention over the cache's decoded history and the step's keys."""
     B, H, T, D = q.shape
@@ -100,7 +108,7 @@ def test_fused_attention_matches_exact(spec, D, H, Hkv, step):
     B = 1 if step == 100 else 3
     lengths = [700, 413, 1][:B] if step != 100 else [517]
     cache, q, k, v = build(spec, B, H, Hkv, D, lengths, step, seed=D + H + step)
-    cache.fused = FusedAttention(get_backend("cuda").xp, D)
+    use_kernel(cache, FusedAttention(get_backend("cuda").xp, D))
     attend = getattr(cache, "_attend", cache.attend)  # the quantized caches' attention without the commit
     got = attend(0, q).get().astype(np.float64)
     want = exact(cache, q, k, v)
@@ -119,7 +127,7 @@ def test_decode_steps_both_kernels(spec, D, H, Hkv, step, decode, warps):
     from minikv.cuda.attention import FusedAttention
 
     cache, q, k, v = build(spec, 2, H, Hkv, D, [1500, 611], step, seed=D + step, growth=4.0)
-    cache.fused = FusedAttention(get_backend("cuda").xp, D, decode=decode, warps=warps, trial=True)
+    use_kernel(cache, FusedAttention(get_backend("cuda").xp, D, decode=decode, warps=warps, trial=True))
     got = getattr(cache, "_attend", cache.attend)(0, q).get().astype(np.float64)
     assert {key[3] == 0 for key in cache.fused._kernels} == {decode}  # decode.cu ran (rows 0), or only attention.cu
     want = exact(cache, q, k, v)
@@ -140,7 +148,7 @@ def test_fused_attention_long_context_many_splits(spec, growth, warps):
     cache, q, k, v = build(spec, 1, 32, 8, 128, [20000], 1, seed=7, growth=growth)
     if spec.startswith("patternkv"):
         assert int(cache.count[0].max()) > 150
-    cache.fused = FusedAttention(get_backend("cuda").xp, 128, warps=warps)
+    use_kernel(cache, FusedAttention(get_backend("cuda").xp, 128, warps=warps))
     got = cache._attend(0, q).get().astype(np.float64)
     want = exact(cache, q, k, v)
     err = np.abs(got - want).max() / np.abs(want).max()
@@ -159,7 +167,7 @@ def test_decode_split_merge_and_unaligned_q(spec):
     from minikv.cuda.attention import FusedAttention
 
     cache, q, k, v = build(spec, 2, 32, 8, 128, [5000, 3000], 1, seed=11)
-    cache.fused = FusedAttention(cp, 128)
+    use_kernel(cache, FusedAttention(cp, 128))
     first = cache._attend(0, q).get()
     assert not cache.fused._counters.get().any()
     np.testing.assert_array_equal(cache._attend(0, q).get(), first)

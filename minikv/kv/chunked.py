@@ -248,10 +248,8 @@ class ChunkedQuantCache(KVCache):
 
     def _attend_fused(self, layer, q):
         sinks = (self.sink_k[layer], self.sink_v[layer]) if self.S else None
-        # (a cache built for the reference attention and handed a kernel later, as tests do, builds it here)
-        st = self.kernel_storages[layer] if self.kernel_storages is not None else self.kernel_storage(layer)
         return self.fused(q, self.rowinfo_host[layer], self.geom.scale, sinks, (self.win_k[layer], self.win_v[layer]),
-                          self._step[layer], st, self.tiles, self.rowinfo_dev[layer])
+                          self._step[layer], self.kernel_storages[layer], self.tiles, self.rowinfo_dev[layer])
 
     def pattern_counts(self) -> np.ndarray | int:
         """(L, B) patterns each sequence holds per layer (methods without patterns: 0)."""
